@@ -1,0 +1,5 @@
+import sys
+
+from tomtit.cli import main
+
+sys.exit(main())
