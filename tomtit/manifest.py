@@ -9,11 +9,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tomtit.errors import TomtitError
+
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class BundleError(ValueError):
+class BundleError(TomtitError, ValueError):
     """A bundle folder is missing, incomplete, corrupt or made for something else."""
 
 

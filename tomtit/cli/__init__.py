@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from tomtit.errors import TomtitError
+
 # verb -> (module, help). Each module has `register(parser)` and `run(args) -> int`.
 VERBS: dict[str, tuple[str, str]] = {
     "export": ("tomtit.cli.export_cmd", "workstation: pre-trained model -> on-device training bundle"),
@@ -24,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-class CliError(Exception):
+class CliError(TomtitError):
     """A user-facing error: printed as one line, exit code 2."""
 
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except CliError as e:
+    except TomtitError as e:
         print(f"tomtit {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

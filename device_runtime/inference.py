@@ -1,0 +1,82 @@
+"""On-device inference: plain ONNX Runtime on `inference.onnx`, adapter fed as inputs.
+
+The adapter tensors are graph inputs (see export), so one session serves any adapter: the
+device's own, a parent's model, or the cloud's candidate global model during evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_runtime.adapter import unflatten
+from device_runtime.bundle import Bundle
+from device_runtime.text import TextEncoder, trim_batch
+from tomtit.manifest import BundleError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    text: str
+    label: str
+    probabilities: dict[str, float]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Classifier:
+    def __init__(self, bundle: Bundle, threads: int = 1):
+        import onnxruntime as ort
+
+        self.manifest = bundle.manifest
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(
+                str(bundle.path("inference_model")), so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # ORT raises several pybind exception types for a bad model
+            raise BundleError(f"{bundle.path('inference_model')} does not load: {e}") from None
+        self.encoder = TextEncoder(bundle.path("tokenizer"), self.manifest.max_length)
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, adapter: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        feed.update(unflatten(np.asarray(adapter, np.float32), self.manifest.trainable))
+        return self._session.run([self.manifest.logits_output], feed)[0]
+
+    def logits_for_texts(self, texts, adapter: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.encoder.encode(texts[i : i + batch_size])
+            out.append(self.logits(ids, mask, adapter))
+        return np.concatenate(out) if out else np.zeros((0, len(self.manifest.labels)), np.float32)
+
+    def predict(self, texts, adapter: np.ndarray) -> list[Prediction]:
+        probs = softmax(self.logits_for_texts(list(texts), adapter))
+        labels = self.manifest.labels
+        return [
+            Prediction(t, labels[int(p.argmax())], {labels[k]: float(p[k]) for k in range(len(labels))})
+            for t, p in zip(texts, probs)
+        ]
+
+    def accuracy(self, ids: np.ndarray, mask: np.ndarray, label_ids: np.ndarray, adapter: np.ndarray,
+                 batch_size: int = 64) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) over pre-encoded examples."""
+        correct = 0
+        nll = 0.0
+        for i in range(0, len(label_ids), batch_size):
+            b_ids, b_mask = trim_batch(ids[i : i + batch_size], mask[i : i + batch_size])
+            logits = self.logits(b_ids, b_mask, adapter)
+            y = label_ids[i : i + batch_size]
+            correct += int((logits.argmax(axis=1) == y).sum())
+            z = logits - logits.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            nll -= float(logp[np.arange(len(y)), y].sum())
+        n = max(1, len(label_ids))
+        return correct / n, nll / n

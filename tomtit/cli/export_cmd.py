@@ -1,0 +1,41 @@
+"""`tomtit export`: workstation-side; imports torch lazily through `export`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="minilm-l6 | PATH to a local Hugging Face BERT-family folder")
+    p.add_argument("--data", required=True, help="bbc-news | PATH.jsonl | PATH.csv (text,label): sets the label set")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--targets", default="query,value", help="comma-separated module names to adapt")
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--opset", type=int, default=14)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-adapter", type=Path, help="seed the adapter from a PEFT LoRA folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.bundle_builder import ExportConfig, export_bundle
+
+    cfg = ExportConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        max_length=args.max_len,
+        opset=args.opset,
+        seed=args.seed,
+        init_adapter=args.init_adapter,
+        force=args.force,
+    )
+    export_bundle(cfg)
+    return 0
