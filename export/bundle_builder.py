@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.model_source import ModelSource, ModelSourceError, resolve_model
+from export.model_source import BUILTIN_MODELS, ModelSource, ModelSourceError, resolve_model
 from tomtit.data import load_dataset
 from tomtit.errors import TomtitError
 from tomtit.manifest import (
@@ -157,7 +157,7 @@ def _build_peft_model(cfg: ExportConfig, source: ModelSource, labels: tuple[str,
     else:
         from export.peft_io import check_peft_adapter_dir
 
-        check_peft_adapter_dir(cfg.init_adapter, source, num_labels=len(labels))
+        check_peft_adapter_dir(cfg.init_adapter, source, labels=labels)
         model = PeftModel.from_pretrained(base, str(cfg.init_adapter), is_trainable=True)
     model.eval()
     return model
@@ -464,6 +464,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
             "files": {role: {"name": name, "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                       for role, name in BUNDLE_FILES.items()},
             "extra": {
+                "model_spec": cfg.model if cfg.model in BUILTIN_MODELS else str(source.path.resolve()),
                 "opset": cfg.opset,
                 "seed": cfg.seed,
                 "optimizer": {"kind": "adamw", **ORT_ADAMW},
