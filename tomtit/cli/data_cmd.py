@@ -20,6 +20,7 @@ def register(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--test-fraction", type=float, default=0.2)
     s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--force", action="store_true", help="replace an existing --out folder")
     s.add_argument("--json", action="store_true")
 
 
@@ -28,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from tomtit.data import dirichlet_split, load_dataset, write_jsonl
 
     out: Path = args.out.expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CliError(f"--out {out} exists and is not an empty folder")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise CliError(f"--out {out} exists and is not an empty folder (pass --force to replace it)")
     if not out.parent.is_dir():
         raise CliError(f"the parent of --out ({out.parent}) does not exist")
     ds = load_dataset(args.data, min_classes=2)
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "split.json").write_text(json.dumps(summary, indent=2))
         os.chmod(tmp, 0o755)
         if out.exists():
-            out.rmdir()
+            shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
