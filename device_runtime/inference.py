@@ -30,7 +30,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class Classifier:
     def __init__(self, bundle: Bundle, threads: int = 1):
-        import onnxruntime as ort
+        from device_runtime.ort_api import load_onnxruntime
+
+        ort = load_onnxruntime()
 
         self.manifest = bundle.manifest
         so = ort.SessionOptions()

@@ -1,4 +1,4 @@
-"""The one place that imports ONNX Runtime's on-device training API.
+"""The one place that imports ONNX Runtime (and its on-device training API) on the device.
 
 `import onnxruntime.training` runs that package's `__init__`, which imports `.optim`, which
 imports torch. A board has no torch, so we register an empty stand-in for the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 
@@ -19,40 +20,38 @@ class OrtTrainingUnavailable(TomtitError):
     """onnxruntime-training is not installed (or is shadowed by plain onnxruntime)."""
 
 
-def _load_api():
-    spec = importlib.util.find_spec("onnxruntime")
+def load_onnxruntime():
+    """`import onnxruntime`, without the training build dragging torch in. Idempotent."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    spec = importlib.util.find_spec("onnxruntime")  # top-level: finds without importing
     if spec is None or not spec.submodule_search_locations:
-        raise OrtTrainingUnavailable(
-            "onnxruntime is not installed: `pip install 'tomtit[device]'` "
-            "(onnxruntime-training-cpu==1.19.2)"
-        )
-    if "onnxruntime.training" not in sys.modules:
-        pkg_dir = next(iter(spec.submodule_search_locations))
-        training_spec = importlib.util.find_spec("onnxruntime.training")
-        if training_spec is None:
-            raise OrtTrainingUnavailable(
-                "this onnxruntime has no training API (plain `onnxruntime` is installed, or it "
-                "overwrote onnxruntime-training-cpu in the same environment)"
-            )
-        import onnxruntime  # noqa: F401  (the real package; its __init__ is torch-free)
-
+        raise OrtTrainingUnavailable("onnxruntime is not installed: `pip install 'tomtit[device]'`")
+    pkg_dir = next(iter(spec.submodule_search_locations))
+    if "onnxruntime.training" not in sys.modules and os.path.isdir(os.path.join(pkg_dir, "training", "api")):
+        # Register the stand-in *before* `import onnxruntime`: the training build's own
+        # import-time validation imports onnxruntime.training.ortmodule, whose package __init__
+        # imports torch whenever torch happens to be installed (seconds and ~300 MB of RSS).
         stub = types.ModuleType("onnxruntime.training")
-        stub.__path__ = [f"{pkg_dir}/training"]
-        stub.__file__ = None
+        stub.__path__ = [os.path.join(pkg_dir, "training")]
+        # A real path keeps inspect-based tools (torch.library, debuggers) happy; it is not executed.
+        stub.__file__ = os.path.join(pkg_dir, "training", "__init__.py")
         stub.__package__ = "onnxruntime.training"
         sys.modules["onnxruntime.training"] = stub
+        # None makes `from onnxruntime.training.ortmodule import ORTModule` raise ImportError,
+        # which ORT's validation treats as "no ORTModule" (true for our purposes).
+        sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+    return importlib.import_module("onnxruntime")
+
+
+def load_training_api():
+    """ORT's on-device training API (CheckpointState, Module, Optimizer), torch-free."""
+    ort = load_onnxruntime()
     try:
         api = importlib.import_module("onnxruntime.training.api")
     except ImportError as e:
-        raise OrtTrainingUnavailable(f"onnxruntime training API failed to import: {e}") from None
-    return api
-
-
-_api = _load_api()
-CheckpointState = _api.CheckpointState
-Module = _api.Module
-Optimizer = _api.Optimizer
-
-from onnxruntime import OrtValue, SessionOptions  # noqa: E402
-
-__all__ = ["CheckpointState", "Module", "Optimizer", "OrtValue", "SessionOptions", "OrtTrainingUnavailable"]
+        raise OrtTrainingUnavailable(
+            "this onnxruntime has no training API (plain `onnxruntime` is installed, or it "
+            f"overwrote onnxruntime-training-cpu in the same environment): {e}"
+        ) from None
+    return api, ort.OrtValue

@@ -42,12 +42,13 @@ class Trainer(ABC):
 
 
 def _session_options(threads: int):
-    from onnxruntime import GraphOptimizationLevel, SessionOptions
+    from device_runtime.ort_api import load_onnxruntime
 
-    so = SessionOptions()
+    ort = load_onnxruntime()
+    so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.graph_optimization_level = GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # ORT warns about unused dropout constants; not the user's problem
     return so
 
@@ -56,9 +57,10 @@ class OrtTrainingBackend(Trainer):
     backend = "ort-training"
 
     def __init__(self, bundle: Bundle, config: TrainerConfig = TrainerConfig()):
-        from device_runtime.ort_api import CheckpointState, Module, Optimizer, OrtValue
+        from device_runtime.ort_api import load_training_api
 
-        self._OrtValue = OrtValue
+        api, self._OrtValue = load_training_api()
+        CheckpointState, Module, Optimizer = api.CheckpointState, api.Module, api.Optimizer
         self._manifest = bundle.manifest
         try:
             self._state = CheckpointState.load_checkpoint(str(bundle.path("checkpoint")))

@@ -333,8 +333,10 @@ def _buffer_order(bundle_dir: Path, torch_params: dict[str, np.ndarray]) -> list
     maps the flat buffer to names the same way. Parameters are written only after the Module
     exists: writing to a fresh CheckpointState segfaults ORT 1.19.
     """
-    from device_runtime.ort_api import CheckpointState, Module
+    from device_runtime.ort_api import load_training_api
 
+    api, _ = load_training_api()
+    CheckpointState, Module = api.CheckpointState, api.Module
     state = CheckpointState.load_checkpoint(str(bundle_dir / BUNDLE_FILES["checkpoint"]))
     module = Module(
         str(bundle_dir / BUNDLE_FILES["training_model"]), state,
