@@ -100,7 +100,7 @@ def torch_trainer(bundle, adapter, threads):
         loss = torch.nn.functional.cross_entropy(logits, labels)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -121,7 +121,16 @@ def child(kind: str, bundle_dir: Path, threads: int, steps: int) -> None:
         t_ids, t_mask, t_y = (torch.from_numpy(x) for x in (ids, mask, labels))
         for _ in range(steps):
             step(t_ids, t_mask, t_y)
-    print(json.dumps({"kind": kind, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"kind": kind, "peak_rss_mb": vm_hwm_mb()}))
+
+
+def vm_hwm_mb() -> float:
+    """Peak RSS of this process image. Not getrusage's ru_maxrss: Linux carries that across
+    fork+exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss(kind: str, bundle_dir: Path, threads: int, steps: int) -> float:
