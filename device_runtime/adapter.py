@@ -8,13 +8,12 @@ be able to run code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tomtit.errors import TomtitError
+from tomtit.fsutil import atomic_write_bytes
 from tomtit.manifest import Manifest, TensorSpec
 
 
@@ -59,16 +58,7 @@ def save_adapter(path: str | Path, buffer: np.ndarray, manifest: Manifest, **met
     meta = {"bundle_id": manifest.bundle_id, "base_model": manifest.base_model, "format": "tomtit-adapter-1"}
     meta.update({k: str(v) for k, v in metadata.items()})
     data = save({k: np.ascontiguousarray(v) for k, v in unflatten(buffer, manifest.trainable).items()}, metadata=meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def load_adapter(path: str | Path, manifest: Manifest) -> np.ndarray:

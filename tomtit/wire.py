@@ -722,7 +722,9 @@ def _from_json(cls: type[_J], obj: Mapping[str, Any]) -> _J:
 
 
 ACK_STATUSES = ("applied", "rejected", "duplicate")
-PRESENCE_STATES = ("online", "offline")
+# "finished": the node has ended the job (target reached or time up). It propagates down the
+# tree: an edge whose parent is finished finishes itself, a device whose parent is finished stops.
+PRESENCE_STATES = ("online", "offline", "finished")
 
 
 @dataclass(frozen=True)
@@ -748,7 +750,7 @@ class Presence:
     """Retained on `status/{id}`; the broker publishes the "offline" one as the last will."""
 
     id: str
-    state: str  # "online" | "offline"
+    state: str  # "online" | "offline" | "finished"
     role: str  # "device" or "node" today; any id-like word is accepted
     version: int  # model version the publisher holds
     ts: float  # publisher's wall clock, seconds since the epoch

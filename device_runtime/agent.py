@@ -1,0 +1,354 @@
+"""The federated device agent: train locally, decide autonomously when to sync, lose nothing.
+
+    load bundle -> connect (persistent session, LWT) -> take the retained parent model -> loop:
+        one training step -> loss, joules          (meter)
+        decision = scheduler.observe(step)         (pure: no clock, no broker inside)
+        if decision.sync: update -> outbox on disk -> publish; kept until the node's ack
+        on a new parent model: merge it in, tell the scheduler
+
+Model bookkeeping (all flat float32 buffers in the manifest's order):
+  `reference` = what the parent holds of us: the last adopted parent model plus every delta we
+  have sent since. An update carries `local - reference`, and after sending, `reference` advances
+  by the *decoded* delta, so f16/int8 rounding error stays in `local - reference` and goes out
+  with the next update (error feedback) instead of being lost.
+  On a new parent model P: `local = P + (local - reference)`, `reference = P` — progress not yet
+  sent survives the swap (the same rule an edge uses, `edge_broker.aggregation.merge_parent_model`).
+
+Optimizer state (AdamW moments) is kept across parent models: the merged model is a small move
+from the local one, and resetting Adam's moments would restart its bias correction and make the
+first steps after every sync noisy. ORT's training API has no moment reset short of reloading the
+checkpoint, which would also cost seconds on a board.
+
+Persistence (`--state-dir`): the local and reference adapters, the base version and counters are
+written atomically at every sync, every `checkpoint_every` steps and on shutdown; a restarted
+device resumes from them and re-sends whatever the outbox still holds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from device_runtime.adapter import AdapterError, load_adapter, save_adapter, unflatten, flatten
+from device_runtime.energy import EnergyMeter, EnergyMeterError
+from device_runtime.local_data import BatchStream
+from device_runtime.scheduler import StepObservation, SyncScheduler
+from device_runtime.trainer import Trainer
+from tomtit.fsutil import atomic_write_json
+from tomtit.manifest import Manifest
+from tomtit.outbox import Outbox
+from tomtit.transport import Transport
+from tomtit.wire import (
+    ModelMessage,
+    Presence,
+    Topics,
+    WireError,
+    decode_ack,
+    decode_message,
+    decode_presence,
+    encode_message,
+    encode_presence,
+    encode_telemetry,
+    new_update_id,
+    split_payload,
+)
+
+log = logging.getLogger("tomtit.device")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device_id: str  # unique in the job; names our up/ack topics and the broker session
+    parent: str  # the node (edge) we sync with
+    job: str = "default"  # run id: every topic lives under tomtit/{job}/
+    codec: str = "f16"  # update encoding: f16 halves the bytes at ~2e-4 relative error
+    chunk_bytes: int = 1_000_000  # split larger payloads (EMQX's default packet limit is 1 MB)
+    max_model_bytes: int = 64 << 20  # refuse larger model messages before parsing them
+    telemetry_every: int = 10  # steps between telemetry messages (QoS 0, cheap)
+    checkpoint_every: int = 50  # steps between local state checkpoints
+    resend_after_s: float = 30.0  # re-send an unacknowledged update after this (then backoff)
+    link_joules_per_mb: float = 0.5  # radio energy per MB sent, added to the measured CPU cost of a sync
+    wait_for_model_s: float = 10.0  # at start, wait this long for the parent's retained model
+    max_steps: int | None = None  # stop after this many local steps (demos, tests)
+
+
+@dataclass
+class DeviceStats:
+    steps: int = 0
+    syncs: int = 0
+    acked: int = 0
+    rejected: int = 0
+    models_adopted: int = 0
+    bytes_up: int = 0
+    joules: float = 0.0
+    intervals: list[int] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+class DeviceAgent:
+    def __init__(
+        self,
+        config: DeviceConfig,
+        *,
+        manifest: Manifest,
+        trainer: Trainer,
+        batches: BatchStream,
+        num_samples: int,
+        meter: EnergyMeter,
+        scheduler: SyncScheduler,
+        transport: Transport,
+        state_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.cfg = config
+        self.manifest = manifest
+        self.trainer = trainer
+        self.batches = batches
+        self.num_samples = num_samples
+        self.meter = meter
+        self.scheduler = scheduler
+        self.transport = transport
+        self.clock = clock
+        self.topics = Topics(config.job)
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s)
+        self.stats = DeviceStats()
+        self.base_version = 0
+        self.reference = trainer.get_adapter()  # version 0 == the bundle's initial adapter
+        self.parent_finished = False
+        self._cycle_losses: list[float] = []
+        self._cycle_joules = 0.0
+        self._was_connected = False
+        self._last_joules: float | None = None
+        self._resume()
+
+    # -- persistence -----------------------------------------------------------------------
+    def _resume(self) -> None:
+        state = self.state_dir / "state.json"
+        if not state.is_file():
+            return
+        try:
+            d = json.loads(state.read_text())
+            if d.get("bundle_id") != self.manifest.bundle_id:
+                log.warning("state in %s is for bundle %s, not %s: starting fresh",
+                            self.state_dir, d.get("bundle_id"), self.manifest.bundle_id)
+                return
+            local = load_adapter(self.state_dir / "local.safetensors", self.manifest)
+            reference = load_adapter(self.state_dir / "reference.safetensors", self.manifest)
+        except (ValueError, KeyError, OSError, AdapterError) as e:
+            log.error("cannot resume from %s (%s): starting from the bundle's adapter", self.state_dir, e)
+            return
+        self.trainer.set_adapter(local)
+        self.reference = reference
+        self.base_version = int(d.get("base_version", 0))
+        self.stats.steps = int(d.get("steps", 0))
+        self.stats.syncs = int(d.get("syncs", 0))
+        log.info("resumed at step %d, base version %d, %d update(s) awaiting ack",
+                 self.stats.steps, self.base_version, len(self.outbox))
+
+    def save_state(self) -> None:
+        save_adapter(self.state_dir / "local.safetensors", self.trainer.get_adapter(), self.manifest)
+        save_adapter(self.state_dir / "reference.safetensors", self.reference, self.manifest)
+        atomic_write_json(self.state_dir / "state.json", {
+            "bundle_id": self.manifest.bundle_id, "base_version": self.base_version,
+            "steps": self.stats.steps, "syncs": self.stats.syncs, "saved_at": self.clock(),
+        })
+
+    # -- connection ------------------------------------------------------------------------
+    def presence(self, state: str) -> bytes:
+        return encode_presence(Presence(id=self.cfg.device_id, state=state, role="device",
+                                        version=self.base_version, ts=self.clock()))
+
+    def subscribe(self) -> None:
+        t, c = self.topics, self.cfg
+        self.transport.subscribe(t.down(c.parent), qos=1)
+        self.transport.subscribe(t.ack(c.parent, c.device_id), qos=1)
+        self.transport.subscribe(t.status(c.parent), qos=1)
+
+    def announce(self) -> None:
+        self.transport.publish(self.topics.status(self.cfg.device_id), self.presence("online"), qos=1, retain=True)
+
+    # -- inbound ---------------------------------------------------------------------------
+    def drain_inbound(self, timeout: float = 0.0) -> None:
+        msg = self.transport.get(timeout)
+        while msg is not None:
+            self._handle(msg.topic, msg.payload)
+            msg = self.transport.get(0)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        t, c = self.topics, self.cfg
+        try:
+            if topic == t.down(c.parent):
+                self._on_model(payload)
+            elif topic == t.ack(c.parent, c.device_id):
+                self._on_ack(payload)
+            elif topic == t.status(c.parent):
+                if payload and decode_presence(payload).state == "finished":
+                    self.parent_finished = True
+        except WireError as e:
+            # A corrupt or foreign message is logged and dropped; it never stops training.
+            log.error("ignored a message on %s: %s", topic, e)
+
+    def _on_model(self, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        msg = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
+                             max_bytes=self.cfg.max_model_bytes, expect_kind="model", expect_job=self.cfg.job)
+        if msg.version <= self.base_version and self.stats.models_adopted > 0:
+            return  # an older or repeated retained model
+        parent = flatten(dict(msg.tensors), self.manifest.trainable)
+        local = self.trainer.get_adapter()
+        lag = msg.version - self.base_version
+        self.trainer.set_adapter(parent + (local - self.reference))
+        self.reference = parent
+        self.base_version = msg.version
+        self.stats.models_adopted += 1
+        self.scheduler.on_parent_model(msg.version, parent_version_lag=max(0, lag))
+        log.info("adopted parent model v%d (from %s)", msg.version, msg.sender)
+
+    def _on_ack(self, payload: bytes) -> None:
+        ack = decode_ack(payload)
+        if not self.outbox.ack(ack.update_id):
+            return  # an ack for something already acknowledged (a re-send's second ack)
+        if ack.status == "rejected":
+            self.stats.rejected += 1
+            log.error("parent rejected update %s: %s", ack.update_id[:8], ack.reason)
+        else:
+            self.stats.acked += 1
+
+    # -- outbound --------------------------------------------------------------------------
+    def flush_outbox(self) -> None:
+        if not self.transport.connected:
+            return
+        now = self.clock()
+        for p in self.outbox.due(now):
+            payload = self.outbox.payload(p.update_id)
+            for chunk in split_payload(payload, update_id=p.update_id, limit=self.cfg.chunk_bytes):
+                self.transport.publish(p.topic, chunk, qos=1)
+            self.outbox.mark_sent(p.update_id, now)
+            self.stats.bytes_up += len(payload)
+            if p.attempts:
+                log.info("re-sent update %s (attempt %d, no ack yet)", p.update_id[:8], p.attempts + 1)
+
+    def sync(self, steps_in_cycle: int) -> int:
+        """Send `local - reference` as an update; returns the payload size."""
+        local = self.trainer.get_adapter()
+        delta = local - self.reference
+        uid = new_update_id()
+        msg = ModelMessage(
+            kind="update", sender=self.cfg.device_id, job=self.cfg.job, bundle_id=self.manifest.bundle_id,
+            base_version=self.base_version, version=self.stats.syncs + 1, num_samples=self.num_samples,
+            local_steps=steps_in_cycle, train_loss=float(np.mean(self._cycle_losses)) if self._cycle_losses else 0.0,
+            energy_j=max(0.0, self._cycle_joules), is_delta=True, created_at=self.clock(), codec=self.cfg.codec,
+            update_id=uid, tensors=unflatten(delta, self.manifest.trainable),
+        )
+        payload = encode_message(msg)
+        sent = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
+                              max_bytes=len(payload))
+        self.outbox.add(uid, self.topics.up(self.cfg.parent, self.cfg.device_id), payload, self.clock())
+        self.reference = self.reference + flatten(dict(sent.tensors), self.manifest.trainable)
+        self.stats.syncs += 1
+        self.stats.intervals.append(steps_in_cycle)
+        self.save_state()
+        self.flush_outbox()
+        return len(payload)
+
+    def telemetry(self, decision, loss: float) -> None:
+        if not self.transport.connected:
+            return
+        values = {
+            "step": self.stats.steps, "loss": float(loss), "joules": float(self.stats.joules),
+            "energy_estimated": bool(self.meter.estimated), "meter": self.meter.name,
+            "action": decision.action, "reason": decision.reason[:200],
+            "steps_since_sync": int(decision.steps_since_sync), "base_version": self.base_version,
+            "syncs": self.stats.syncs, "outbox": len(self.outbox),
+        }
+        values.update({f"est_{k}": float(v) for k, v in decision.estimate.items()})
+        self.transport.publish(self.topics.telemetry(self.cfg.device_id), encode_telemetry(values), qos=0)
+
+    # -- main loop -------------------------------------------------------------------------
+    def _read_joules(self) -> float:
+        try:
+            return self.meter.joules()
+        except EnergyMeterError as e:
+            log.warning("energy meter read failed (%s); counting this step as 0 J", e)
+            return self._last_joules or 0.0
+
+    def wait_for_model(self) -> None:
+        deadline = time.monotonic() + self.cfg.wait_for_model_s
+        while self.stats.models_adopted == 0 and time.monotonic() < deadline:
+            self.drain_inbound(timeout=0.1)
+
+    def step(self) -> None:
+        self._on_connection_change()
+        self.drain_inbound()
+        ids, mask, labels = self.batches.next()
+        j0 = self._read_joules() if self._last_joules is None else self._last_joules
+        t0 = time.perf_counter()
+        loss = self.trainer.step(ids, mask, labels)
+        seconds = time.perf_counter() - t0
+        j1 = self._read_joules()
+        self._last_joules = j1
+        joules = max(0.0, j1 - j0)
+        self.stats.steps += 1
+        self.stats.joules += joules
+        self._cycle_losses.append(loss)
+        self._cycle_joules += joules
+        self.scheduler.set_battery_reserve(self.meter.reserve_fraction())
+        decision = self.scheduler.observe(StepObservation(loss=loss, joules=joules, seconds=seconds, samples=len(labels)))
+        if decision.sync:
+            s0, t_sync = self._read_joules(), time.perf_counter()
+            size = self.sync(decision.steps_since_sync)
+            cost = max(0.0, self._read_joules() - s0) + self.cfg.link_joules_per_mb * size / 1e6
+            self._last_joules = self._read_joules()
+            self.scheduler.on_synced(cost_joules=cost, cost_seconds=time.perf_counter() - t_sync)
+            log.info("sync #%d after %d steps (%s): %d bytes, loss %.4f",
+                     self.stats.syncs, decision.steps_since_sync, decision.reason, size, loss)
+            self._cycle_losses, self._cycle_joules = [], 0.0
+        else:
+            self.flush_outbox()
+        if self.stats.steps % self.cfg.telemetry_every == 0 or decision.sync:
+            self.telemetry(decision, loss)
+        if self.stats.steps % self.cfg.checkpoint_every == 0:
+            self.save_state()
+
+    def _on_connection_change(self) -> None:
+        now = self.transport.connected
+        if now and not self._was_connected:
+            self.subscribe()
+            self.announce()
+            self.outbox.reset_timers()  # whatever was in flight may be lost: re-send promptly
+        self._was_connected = now
+
+    def run(self, should_stop: Callable[[], bool]) -> DeviceStats:
+        self._on_connection_change()
+        self.wait_for_model()
+        try:
+            while not should_stop():
+                if self.parent_finished:
+                    self.stats.stop_reason = "parent finished"
+                    break
+                if self.cfg.max_steps is not None and self.stats.steps >= self.cfg.max_steps:
+                    self.stats.stop_reason = "max steps"
+                    break
+                self.step()
+            else:
+                self.stats.stop_reason = "signal"
+        finally:
+            self.shutdown()
+        return self.stats
+
+    def shutdown(self) -> None:
+        self.save_state()
+        if self.transport.connected:
+            # Deliver what we can before leaving; the outbox keeps the rest for the next start.
+            self.flush_outbox()
+            self.drain_inbound(timeout=0.5)
+            self.transport.publish(self.topics.status(self.cfg.device_id), self.presence("offline"), qos=1, retain=True)
+            self.transport.flush(timeout=5.0)

@@ -1,0 +1,91 @@
+"""`tomtit device run`: the federated device agent (board side, no torch)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from tomtit.cli.mqtt_args import add_broker_args, mqtt_options, setup_logging, stop_event_on_signals
+
+TRAIN_ROLES = ("training_model", "eval_model", "optimizer_model", "checkpoint", "tokenizer")
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    r = sub.add_parser("run", help="train locally and sync autonomously with the parent node")
+    r.add_argument("--bundle", required=True, type=Path)
+    r.add_argument("--data", required=True, help="this device's JSONL/CSV examples")
+    r.add_argument("--parent", required=True, help="id of the node (edge) to sync with")
+    r.add_argument("--id", required=True, help="this device's id (unique in the job)")
+    add_broker_args(r)
+    r.add_argument("--scheduler", default="marginal", help="marginal | fixed:10 | adaptive (options: marginal:tau_max=40)")
+    r.add_argument("--energy", default="auto", help="auto | rapl | ina3221 | pi5-pmic | battery | model:PROFILE")
+    r.add_argument("--codec", default="f16", choices=["f32", "f16", "int8"])
+    r.add_argument("--state-dir", type=Path, help="outbox and resume state (default: ./state/JOB/ID)")
+    r.add_argument("--batch", type=int, default=8)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-steps", type=int, help="stop after this many local steps")
+    r.add_argument("--link-j-per-mb", type=float, default=0.5, help="radio energy per MB uploaded")
+    r.add_argument("--resend-after", type=float, default=30.0, help="seconds before re-sending an unacknowledged update")
+    r.add_argument("--summary", type=Path, help="write a JSON summary here on exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_runtime.agent import DeviceAgent, DeviceConfig
+    from device_runtime.bundle import open_bundle
+    from device_runtime.energy import detect_meter
+    from device_runtime.local_data import BatchStream, encode_dataset
+    from device_runtime.scheduler import make_scheduler
+    from device_runtime.text import TextEncoder
+    from device_runtime.trainer import TrainerConfig, make_trainer
+    from tomtit.data import load_dataset
+    from tomtit.mqtt import MqttTransport
+    from tomtit.transport import Will
+    from tomtit.wire import Presence, Topics, check_id, encode_presence
+
+    setup_logging(args, args.id)
+    log = logging.getLogger("tomtit.device")
+    check_id(args.id, "--id")
+    check_id(args.parent, "--parent")
+    topics = Topics(args.job)
+    # Everything that can fail on bad input fails here, before we touch the broker.
+    bundle = open_bundle(args.bundle, roles=TRAIN_ROLES)
+    m = bundle.manifest
+    data = encode_dataset(load_dataset(args.data), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
+    scheduler = make_scheduler(args.scheduler)
+    meter = detect_meter(args.energy)
+    trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr))
+    state_dir = args.state_dir or Path("state") / args.job / args.id
+    config = DeviceConfig(device_id=args.id, parent=args.parent, job=args.job, codec=args.codec,
+                          resend_after_s=args.resend_after, link_joules_per_mb=args.link_j_per_mb,
+                          max_steps=args.max_steps)
+    will = Will(topics.status(args.id), encode_presence(Presence(id=args.id, state="offline", role="device",
+                                                                  version=0, ts=0.0)))
+    transport = MqttTransport(mqtt_options(args, client_id=f"tomtit-{args.job}-{args.id}"), will=will).start()
+    if not transport.wait_connected(10):
+        log.warning("broker %s not reachable yet (%s); training offline, updates wait in the outbox",
+                    args.broker, transport.last_error or "no answer")
+    log.info("device %s: %d examples, meter %s%s, scheduler %s, parent %s", args.id, len(data), meter.name,
+             " (estimated)" if meter.estimated else "", scheduler.describe(), args.parent)
+    agent = DeviceAgent(config, manifest=m, trainer=trainer, batches=BatchStream(data, args.batch, seed=args.seed),
+                        num_samples=len(data), meter=meter, scheduler=scheduler, transport=transport,
+                        state_dir=state_dir)
+    stop = stop_event_on_signals()
+    try:
+        stats = agent.run(stop.is_set)
+    finally:
+        transport.close()
+    log.info("stopped (%s): %d steps, %d syncs, %d acked, %d rejected, %d in outbox",
+             stats.stop_reason, stats.steps, stats.syncs, stats.acked, stats.rejected, len(agent.outbox))
+    if args.summary:
+        args.summary.write_text(json.dumps({
+            "id": args.id, "stop_reason": stats.stop_reason, "steps": stats.steps, "syncs": stats.syncs,
+            "acked": stats.acked, "rejected": stats.rejected, "outbox": len(agent.outbox),
+            "intervals": stats.intervals, "joules": stats.joules, "energy_estimated": meter.estimated,
+            "bytes_up": stats.bytes_up, "base_version": agent.base_version,
+        }, indent=2))
+    return 0

@@ -1,0 +1,158 @@
+"""The one small transport interface both tiers talk through, and its in-memory twin.
+
+Agents and nodes see only `Transport`: publish, subscribe, a queue of `Inbound` messages, close.
+`tomtit.mqtt.MqttTransport` implements it on paho-mqtt; `MemoryBroker` / `MemoryTransport` here
+implement it in process for unit tests and the simulator, with MQTT's retained-message and
+topic-filter semantics (`+` one level, `#` the rest).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received message, converted from the client library's type at the boundary."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 0
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class Transport(ABC):
+    """Publish/subscribe with a thread-safe inbound queue. Context manager: `with t: ...`."""
+
+    @abstractmethod
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
+
+    @abstractmethod
+    def subscribe(self, topic_filter: str, *, qos: int = 1) -> None: ...
+
+    @abstractmethod
+    def get(self, timeout: float | None = None) -> Inbound | None:
+        """Next inbound message, or None after `timeout` seconds (0 = do not wait)."""
+
+    @property
+    @abstractmethod
+    def connected(self) -> bool: ...
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until published messages have left this process (True) or timeout (False)."""
+        return True
+
+    @abstractmethod
+    def close(self) -> None:
+        """Disconnect cleanly (no last will). Idempotent."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    f_parts, t_parts = topic_filter.split("/"), topic.split("/")
+    for i, f in enumerate(f_parts):
+        if f == "#":
+            return True
+        if i >= len(t_parts) or (f != "+" and f != t_parts[i]):
+            return False
+    return len(f_parts) == len(t_parts)
+
+
+@dataclass
+class MemoryBroker:
+    """A process-local broker: retained messages, wildcard subscriptions, last wills."""
+
+    retained: dict[str, bytes] = field(default_factory=dict)
+    _clients: list["MemoryTransport"] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    published: int = 0
+
+    def client(self, client_id: str, will: Will | None = None) -> "MemoryTransport":
+        t = MemoryTransport(self, client_id, will)
+        with self._lock:
+            self._clients.append(t)
+        return t
+
+    def _route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        with self._lock:
+            self.published += 1
+            if retain:
+                if payload:
+                    self.retained[topic] = payload
+                else:
+                    self.retained.pop(topic, None)  # MQTT: an empty retained payload clears it
+            clients = list(self._clients)
+        for c in clients:
+            c._deliver(topic, payload, qos, retain=False)
+
+    def _drop(self, client: "MemoryTransport", *, send_will: bool) -> None:
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+        if send_will and client.will is not None:
+            self._route(client.will.topic, client.will.payload, client.will.qos, client.will.retain)
+
+
+class MemoryTransport(Transport):
+    def __init__(self, broker: MemoryBroker, client_id: str, will: Will | None = None):
+        self.broker = broker
+        self.client_id = client_id
+        self.will = will
+        self._filters: dict[str, int] = {}
+        self._queue: queue.Queue[Inbound] = queue.Queue()
+        self._open = True
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        if not self._open:
+            raise ConnectionError(f"{self.client_id} is closed")
+        self.broker._route(topic, bytes(payload), qos, retain)
+
+    def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
+        self._filters[topic_filter] = qos
+        for topic, payload in list(self.broker.retained.items()):
+            if topic_matches(topic_filter, topic):
+                self._queue.put(Inbound(topic, payload, retain=True, qos=qos))
+
+    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        for f, sub_qos in self._filters.items():
+            if topic_matches(f, topic):
+                self._queue.put(Inbound(topic, payload, retain=retain, qos=min(qos, sub_qos)))
+                return
+
+    def get(self, timeout: float | None = None) -> Inbound | None:
+        try:
+            if timeout == 0:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    @property
+    def connected(self) -> bool:
+        return self._open
+
+    def crash(self) -> None:
+        """Vanish without a clean disconnect: the broker publishes the last will."""
+        if self._open:
+            self._open = False
+            self.broker._drop(self, send_will=True)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.broker._drop(self, send_will=False)
