@@ -259,6 +259,11 @@ class AsyncBuffer:
         """Number of buffered updates."""
         return len(self._pending)
 
+    @property
+    def pending_ids(self) -> tuple[str, ...]:
+        """update_ids currently buffered (a node ignores re-sends of these until it applies them)."""
+        return tuple(p.update.update_id for p in self._pending)
+
     def oldest_age(self, now: float) -> float:
         """Seconds the oldest buffered update has waited; 0.0 when the buffer is empty."""
         return max(0.0, now - self._pending[0].arrived) if self._pending else 0.0

@@ -42,6 +42,7 @@ BUNDLE_FILES = {
     "checkpoint": "checkpoint",
     "inference_model": "inference.onnx",
     "tokenizer": "tokenizer.json",
+    "initial_adapter": "adapter_init.safetensors",  # version 0 of the adapter, readable without ORT training
 }
 INPUT_NAMES = ("input_ids", "attention_mask")
 LABEL_INPUT = "labels"
@@ -463,8 +464,6 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
             "inputs": list(INPUT_NAMES),
             "label_input": LABEL_INPUT,
             "logits_output": LOGITS_OUTPUT,
-            "files": {role: {"name": name, "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                      for role, name in BUNDLE_FILES.items()},
             "extra": {
                 "model_spec": cfg.model if cfg.model in BUILTIN_MODELS else str(source.path.resolve()),
                 "opset": cfg.opset,
@@ -480,6 +479,9 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
             },
         }
         manifest["bundle_id"] = bundle_identity(manifest)
+        _write_initial_adapter(tmp / BUNDLE_FILES["initial_adapter"], params, trainable, manifest)
+        manifest["files"] = {role: {"name": name, "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                             for role, name in BUNDLE_FILES.items()}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         result = Manifest.from_dict(manifest)
         _replace_dir(tmp, out)
@@ -488,6 +490,15 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_initial_adapter(path: Path, params: dict[str, np.ndarray], trainable: list[TensorSpec],
+                           manifest: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({t.name: np.ascontiguousarray(params[t.name]) for t in trainable}, str(path),
+              metadata={"bundle_id": manifest["bundle_id"], "base_model": manifest["base_model"],
+                        "format": "tomtit-adapter-1", "version": "0"})
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

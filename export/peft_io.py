@@ -108,7 +108,6 @@ def export_peft(bundle_dir: Path, out: Path, *, adapter: Path | None = None, bas
                 force: bool = False) -> Path:
     from device_runtime.adapter import load_adapter
     from device_runtime.bundle import open_bundle
-    from device_runtime.trainer import make_trainer
     from export.bundle_builder import _quiet_libraries
 
     _quiet_libraries()
@@ -116,10 +115,8 @@ def export_peft(bundle_dir: Path, out: Path, *, adapter: Path | None = None, bas
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise PeftInteropError(f"--out {out} exists and is not empty (pass --force to replace it)")
     manifest = load_manifest(bundle_dir)
-    if adapter is not None:
-        buffer = load_adapter(adapter, manifest)
-    else:
-        buffer = make_trainer(open_bundle(bundle_dir, roles=("training_model", "eval_model", "optimizer_model", "checkpoint"))).get_adapter()
+    bundle = open_bundle(bundle_dir, roles=("initial_adapter",))
+    buffer = load_adapter(adapter or bundle.path("initial_adapter"), manifest)
     source = _model_dir_for(manifest, base)
     model = build_peft_model(manifest, source)
     load_buffer_into(model, manifest, buffer)

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         args.summary.write_text(json.dumps({
             "id": args.id, "stop_reason": stats.stop_reason, "steps": stats.steps, "syncs": stats.syncs,
             "acked": stats.acked, "rejected": stats.rejected, "outbox": len(agent.outbox),
-            "intervals": stats.intervals, "joules": stats.joules, "energy_estimated": meter.estimated,
+            "intervals": stats.intervals[-500:], "joules": stats.joules, "energy_estimated": meter.estimated,
             "bytes_up": stats.bytes_up, "base_version": agent.base_version,
         }, indent=2))
     return 0

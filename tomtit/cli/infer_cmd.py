@@ -14,21 +14,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="+", metavar="TEXT")
 
 
-def initial_adapter(bundle):
-    """The bundle's own initial adapter, read from the ORT checkpoint without ORT training."""
-    from device_runtime.trainer import make_trainer
-
-    return make_trainer(bundle).get_adapter()
-
-
 def run(args: argparse.Namespace) -> int:
     from device_runtime.adapter import load_adapter
     from device_runtime.bundle import open_bundle
     from device_runtime.inference import Classifier
 
-    roles = ("inference_model", "tokenizer") + (() if args.adapter else ("training_model", "eval_model", "optimizer_model", "checkpoint"))
-    bundle = open_bundle(args.bundle, roles=roles)
-    adapter = load_adapter(args.adapter, bundle.manifest) if args.adapter else initial_adapter(bundle)
+    bundle = open_bundle(args.bundle, roles=("inference_model", "tokenizer", "initial_adapter"))
+    adapter = load_adapter(args.adapter or bundle.path("initial_adapter"), bundle.manifest)
     preds = Classifier(bundle, threads=args.threads).predict(args.texts, adapter)
     if args.json:
         print(json.dumps([{"text": p.text, "label": p.label, "probabilities": p.probabilities} for p in preds]))

@@ -1,0 +1,96 @@
+"""`tomtit node run`: an aggregating node (edge with --parent, cloud without)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from tomtit.cli.mqtt_args import add_broker_args, mqtt_options, setup_logging, stop_event_on_signals
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    r = sub.add_parser("run", help="aggregate children's updates; sync upward autonomously if --parent")
+    r.add_argument("--id", required=True)
+    r.add_argument("--bundle", required=True, type=Path)
+    add_broker_args(r)
+    r.add_argument("--parent", help="parent node id (this node is then an edge); none = cloud")
+    r.add_argument("--strategy", default="fedbuff", help="fedbuff | fedavg | fednova | median | trimmed")
+    r.add_argument("--children", type=int, help="expected children (fedavg waits for all; caps K otherwise)")
+    r.add_argument("--k", type=int, help="apply after K buffered updates (overrides the strategy's K)")
+    r.add_argument("--max-wait", type=float, help="...or after this many seconds since the first buffered one")
+    r.add_argument("--server-lr", type=float)
+    r.add_argument("--max-norm", type=float, default=100.0, help="reject child deltas with a larger L2 norm")
+    r.add_argument("--scheduler", default="marginal", help="edge: marginal | fixed:K2 | adaptive")
+    r.add_argument("--eval-data", help="cloud: held-out JSONL/CSV to evaluate each global model on")
+    r.add_argument("--eval-max", type=int, default=1000)
+    r.add_argument("--target-accuracy", type=float)
+    r.add_argument("--max-minutes", type=float)
+    r.add_argument("--state-dir", type=Path, help="checkpoints and outbox (default: ./state/JOB/ID)")
+    r.add_argument("--summary", type=Path, help="write the run summary JSON here when stopping")
+    r.add_argument("--threads", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_runtime.adapter import load_adapter
+    from device_runtime.bundle import open_bundle
+    from device_runtime.scheduler import make_scheduler
+    from edge_broker.aggregation import make_strategy
+    from edge_broker.node import Evaluator, Node, NodeConfig
+    from tomtit.cli import CliError
+    from tomtit.mqtt import MqttTransport
+    from tomtit.transport import Will
+    from tomtit.wire import Presence, Topics, check_id, encode_presence
+
+    setup_logging(args, args.id)
+    log = logging.getLogger("tomtit.node")
+    check_id(args.id, "--id")
+    if args.parent:
+        check_id(args.parent, "--parent")
+    if args.parent is None and args.eval_data is None and args.target_accuracy is not None:
+        raise CliError("--target-accuracy needs --eval-data")
+    bundle = open_bundle(args.bundle, roles=("initial_adapter", "inference_model", "tokenizer"))
+    m = bundle.manifest
+    opts = {k: v for k, v in {"k_updates": args.k, "max_wait_s": args.max_wait, "server_lr": args.server_lr}.items()
+            if v is not None}
+    buffer = make_strategy(args.strategy, expected_children=args.children, **opts)
+    evaluator = None
+    if args.eval_data:
+        from device_runtime.inference import Classifier
+        from device_runtime.local_data import encode_dataset
+        from tomtit.data import load_dataset
+
+        clf = Classifier(bundle, threads=args.threads)
+        data = encode_dataset(load_dataset(args.eval_data), clf.encoder, m)
+        n = min(len(data), args.eval_max)
+        evaluator = Evaluator(clf, data.input_ids[:n], data.attention_mask[:n], data.labels[:n])
+    scheduler = make_scheduler(args.scheduler) if args.parent else None
+    config = NodeConfig(node_id=args.id, parent=args.parent, job=args.job, max_update_norm=args.max_norm,
+                        target_accuracy=args.target_accuracy, max_minutes=args.max_minutes)
+    topics = Topics(args.job)
+    will = Will(topics.status(args.id), encode_presence(Presence(id=args.id, state="offline", role="node",
+                                                                  version=0, ts=0.0)))
+    transport = MqttTransport(mqtt_options(args, client_id=f"tomtit-{args.job}-{args.id}"), will=will).start()
+    if not transport.wait_connected(10):
+        log.warning("broker %s not reachable yet (%s); retrying in the background", args.broker,
+                    transport.last_error or "no answer")
+    node = Node(config, manifest=m, initial_adapter=load_adapter(bundle.path("initial_adapter"), m), buffer=buffer,
+                transport=transport, state_dir=args.state_dir or Path("state") / args.job / args.id,
+                scheduler=scheduler, evaluator=evaluator)
+    if evaluator is not None and node.version == 0:
+        acc, loss = evaluator(node.model)
+        node.stats.accuracy.append({"t": 0.0, "version": 0, "accuracy": acc, "loss": loss})
+        log.info("v0 (untrained head): held-out accuracy %.4f, loss %.4f", acc, loss)
+    log.info("node %s (%s), strategy %s, bundle %s", args.id, f"edge of {args.parent}" if args.parent else "cloud",
+             args.strategy, m.bundle_id)
+    stop = stop_event_on_signals()
+    try:
+        node.run(stop.is_set)
+    finally:
+        transport.close()
+        if args.summary:
+            args.summary.write_text(json.dumps(node.summary(), indent=2))
+    log.info("stopped (%s) at version %d", node.stats.stop_reason, node.version)
+    return 0
