@@ -146,7 +146,8 @@ class Node:
         self.version = 0
         self.parent_version = 0
         self.seen: set[str] = set()
-        self.online_children: set[str] = set()
+        self.children_seen: set[str] = set()  # ids that have sent us an update
+        self.offline: set[str] = set()  # ids whose retained presence says offline
         self.reassembler = Reassembler(timeout_s=config.chunk_timeout_s, max_total_bytes=config.max_update_bytes)
         self.outbox = Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s) if config.parent else None
         self.finished = False
@@ -251,12 +252,12 @@ class Node:
             return
         if who == self.cfg.parent and p.state == "finished":
             self.finish("parent finished")
-        elif p.role in ("device", "node") and who not in (self.cfg.node_id, self.cfg.parent):
-            # Presence of anyone in the job; only those who send us updates count as children.
+        elif who not in (self.cfg.node_id, self.cfg.parent):
+            # Presence of anyone in the job; it matters only for ids that send us updates.
             if p.state == "online":
-                self.online_children.add(who)
+                self.offline.discard(who)
             else:
-                self.online_children.discard(who)
+                self.offline.add(who)
 
     def _on_update_payload(self, child: str, payload: bytes) -> None:
         if is_chunk(payload):
@@ -297,7 +298,8 @@ class Node:
         except AggregationError as e:
             self._reject(child, msg.update_id, "invalid", str(e))
             return
-        self.online_children.add(child)
+        self.children_seen.add(child)
+        self.offline.discard(child)
         self.stats.accepted += 1
         self.stats.child_arrivals[child].append((round(self.clock() - self.started, 3), msg.local_steps))
         self._pending_meta[msg.update_id] = (msg.train_loss, msg.energy_j, msg.num_samples)
@@ -329,11 +331,11 @@ class Node:
     def effective_ready(self, now: float) -> bool:
         if self.buffer.ready(now):
             return True
-        # Children that went offline are not waited for: with fewer online than K, apply what
-        # every online child has sent.
+        # Children that went offline are dropped from the waiting set: each known child whose
+        # presence says offline lowers K by one (never below one pending update).
+        gone = len(self.children_seen & self.offline)
         pending = self.buffer.pending
-        online = len(self.online_children)
-        return pending > 0 and 0 < online <= pending
+        return pending > 0 and gone > 0 and pending >= max(1, self.buffer.config.k_updates - gone)
 
     def aggregate(self) -> None:
         now = self.clock()
@@ -424,7 +426,7 @@ class Node:
         self._last_telemetry = now
         values = {"version": self.version, "accepted": self.stats.accepted, "duplicates": self.stats.duplicates,
                   "rejected": sum(self.stats.rejected.values()), "pending": self.buffer.pending,
-                  "online_children": len(self.online_children), "aggregations": self.stats.aggregations,
+                  "children_offline": len(self.children_seen & self.offline), "aggregations": self.stats.aggregations,
                   "pushes_up": self.stats.pushes_up}
         if self.stats.accuracy:
             values["accuracy"] = self.stats.accuracy[-1]["accuracy"]

@@ -1,0 +1,147 @@
+"""The device agent against a real Node over the in-memory broker, with a numpy trainer."""
+import numpy as np
+
+from device_runtime.agent import DeviceAgent, DeviceConfig
+from device_runtime.adapter import flatten
+from device_runtime.energy import ModelMeter
+from device_runtime.scheduler import make_scheduler
+from edge_broker.aggregation import make_strategy
+from edge_broker.node import Node, NodeConfig
+from fedkit import SIZE, SPECS, DummyBatches, QuadraticTrainer, synthetic_manifest
+from tomtit.transport import MemoryBroker
+from tomtit.wire import Presence, Topics, decode_message, encode_presence
+
+JOB = "t"
+T = Topics(JOB)
+TARGET = np.linspace(-1, 1, SIZE).astype(np.float32)
+
+
+def make_agent(tmp_path, broker, *, codec="f32", tau=5, device_id="d1", trainer=None, max_steps=None):
+    m = synthetic_manifest()
+    tr = trainer or QuadraticTrainer(TARGET, lr=0.05)
+    return DeviceAgent(
+        DeviceConfig(device_id=device_id, parent="edge", job=JOB, codec=codec, wait_for_model_s=0.0,
+                     max_steps=max_steps, resend_after_s=1000.0),
+        manifest=m, trainer=tr, batches=DummyBatches(), num_samples=50,
+        meter=ModelMeter(busy_watts=5.0, idle_watts=1.0), scheduler=make_scheduler(f"fixed:{tau}"),
+        transport=broker.client(device_id), state_dir=tmp_path / device_id,
+    )
+
+
+def make_node(tmp_path, broker):
+    m = synthetic_manifest()
+    return Node(NodeConfig(node_id="edge", job=JOB), manifest=m, initial_adapter=np.zeros(SIZE, np.float32),
+                buffer=make_strategy("fedbuff", k_updates=1), transport=broker.client("edge"),
+                state_dir=tmp_path / "edge")
+
+
+def test_updates_flow_acks_clear_the_outbox_and_models_come_back(tmp_path):
+    broker = MemoryBroker()
+    node = make_node(tmp_path, broker)
+    node.run_once(timeout=0)
+    agent = make_agent(tmp_path, broker, max_steps=20)
+    agent._on_connection_change()
+    for _ in range(20):
+        agent.step()
+        node.run_once(timeout=0)
+    agent.drain_inbound()
+    assert agent.stats.syncs == 4 and agent.stats.intervals == [5, 5, 5, 5]
+    assert agent.stats.acked == 4 and len(agent.outbox) == 0
+    assert node.version == 4 and agent.base_version == 4
+    # With one device and server_lr 1, the node's model is exactly what the device sent.
+    np.testing.assert_allclose(node.model, agent.reference, atol=1e-6)
+    np.testing.assert_allclose(agent.trainer.get_adapter(), agent.reference, atol=1e-6)
+
+
+def test_int8_error_feedback_loses_nothing(tmp_path):
+    broker = MemoryBroker()
+    node = make_node(tmp_path, broker)
+    node.run_once(timeout=0)
+    agent = make_agent(tmp_path, broker, codec="int8", tau=3)
+    agent._on_connection_change()
+    for _ in range(30):
+        agent.step()
+        node.run_once(timeout=0)
+    agent.drain_inbound()
+    local = agent.trainer.get_adapter()
+    # What the node holds + what the device has not sent yet == the device's model, exactly:
+    # int8 rounding is carried into the next update instead of being lost.
+    np.testing.assert_allclose(node.model + (local - agent.reference), local, atol=1e-6)
+    assert np.abs(local - node.model).max() < 0.05  # the residual stays at rounding size
+
+
+def test_parent_model_is_merged_keeping_unsent_progress(tmp_path):
+    from device_runtime.adapter import unflatten
+    from tomtit.wire import ModelMessage, encode_message
+
+    broker = MemoryBroker()
+    parent = broker.client("edge")
+    agent = make_agent(tmp_path, broker, tau=100)
+    agent._on_connection_change()
+    for _ in range(3):
+        agent.step()
+    local = agent.trainer.get_adapter()
+    p = np.full(SIZE, 0.25, np.float32)
+    parent.publish(T.down("edge"), encode_message(ModelMessage(
+        kind="model", sender="edge", job=JOB, bundle_id=agent.manifest.bundle_id, base_version=0, version=7,
+        num_samples=0, local_steps=0, train_loss=0.0, energy_j=0.0, is_delta=False, created_at=1.0,
+        tensors=unflatten(p, SPECS))), retain=True)
+    agent.drain_inbound()
+    np.testing.assert_allclose(agent.trainer.get_adapter(), p + local, atol=1e-6)  # reference was 0
+    np.testing.assert_array_equal(agent.reference, p)
+    assert agent.base_version == 7
+
+
+def test_foreign_or_corrupt_model_is_ignored_and_training_goes_on(tmp_path, caplog):
+    from device_runtime.adapter import unflatten
+    from tomtit.wire import ModelMessage, encode_message
+
+    broker = MemoryBroker()
+    parent = broker.client("edge")
+    agent = make_agent(tmp_path, broker, tau=100)
+    agent._on_connection_change()
+    parent.publish(T.down("edge"), b"\x00garbage\xff" * 10, retain=True)
+    parent.publish(T.down("edge"), encode_message(ModelMessage(
+        kind="model", sender="edge", job=JOB, bundle_id="0123456789abcdef", base_version=0, version=3,
+        num_samples=0, local_steps=0, train_loss=0.0, energy_j=0.0, is_delta=False, created_at=1.0,
+        tensors=unflatten(np.ones(SIZE, np.float32), SPECS))), retain=True)
+    for _ in range(3):
+        agent.step()
+    assert agent.stats.steps == 3 and agent.base_version == 0
+    text = caplog.text
+    assert "not_safetensors" in text and "wrong_bundle" in text
+
+
+def test_killed_device_resends_unacked_updates_exactly_once(tmp_path):
+    broker = MemoryBroker()
+    agent = make_agent(tmp_path, broker, tau=4)
+    agent._on_connection_change()
+    for _ in range(12):  # 3 updates; no node is listening: nobody acks
+        agent.step()
+    assert len(agent.outbox) == 3
+    agent.transport.crash()  # SIGKILL: no shutdown, no state flush beyond what sync wrote
+    steps_before = agent.stats.steps
+    node = make_node(tmp_path, broker)
+    node.run_once(timeout=0)
+    revived = make_agent(tmp_path, broker, tau=4)
+    assert len(revived.outbox) == 3 and revived.stats.steps == steps_before
+    np.testing.assert_array_equal(revived.reference, agent.reference)
+    revived._on_connection_change()
+    revived.flush_outbox()
+    revived.flush_outbox()  # a second flush does not re-send before the timeout
+    node.run_once(timeout=0)
+    revived.drain_inbound()
+    assert len(revived.outbox) == 0 and revived.stats.acked == 3
+    assert node.stats.accepted == 3 and node.stats.duplicates == 0 and node.version >= 1
+    np.testing.assert_allclose(node.model, revived.reference, atol=1e-6)
+
+
+def test_device_stops_when_its_parent_finishes(tmp_path):
+    broker = MemoryBroker()
+    parent = broker.client("edge")
+    agent = make_agent(tmp_path, broker, tau=100)
+    parent.publish(T.status("edge"), encode_presence(Presence("edge", "finished", "node", 3, 1.0)), retain=True)
+    stats = agent.run(lambda: False)
+    assert stats.stop_reason == "parent finished"
+    status = broker.retained[T.status("d1")]
+    assert b'"offline"' in status

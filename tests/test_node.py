@@ -1,0 +1,244 @@
+"""The aggregating node over the in-memory broker: validation, exactly-once, checkpoints, edges."""
+import json
+
+import numpy as np
+import pytest
+
+from device_runtime.adapter import flatten, unflatten
+from device_runtime.scheduler import make_scheduler
+from edge_broker.aggregation import make_strategy
+from edge_broker.node import Node, NodeConfig
+from fedkit import SIZE, SPECS, synthetic_manifest, update_bytes
+from tomtit.transport import MemoryBroker
+from tomtit.wire import (ModelMessage, Presence, Topics, decode_ack, decode_error, decode_message,
+                         encode_message, encode_presence)
+
+JOB = "t"
+T = Topics(JOB)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def make_node(tmp_path, broker, *, node_id="cloud", parent=None, strategy="fedavg", children=2, clock=None,
+              initial=None, scheduler=None, manifest=None, **cfg):
+    m = manifest or synthetic_manifest()
+    buf = make_strategy(strategy, expected_children=children)
+    node = Node(NodeConfig(node_id=node_id, parent=parent, job=JOB, **cfg), manifest=m,
+                initial_adapter=np.zeros(m.buffer_size, np.float32) if initial is None else initial, buffer=buf,
+                transport=broker.client(node_id), state_dir=tmp_path / node_id,
+                scheduler=scheduler, clock=clock or Clock())
+    node.run_once(timeout=0)
+    return node, m
+
+
+def child(broker, node="cloud", name="c1"):
+    c = broker.client(name)
+    c.subscribe(T.ack(node, name))
+    c.subscribe(T.errors(node))
+    c.subscribe(T.down(node))
+    return c
+
+
+def drain(transport):
+    out = []
+    while (m := transport.get(0)) is not None:
+        out.append(m)
+    return out
+
+
+def acks(msgs):
+    return [decode_ack(m.payload) for m in msgs if "/ack/" in m.topic]
+
+
+def errors(msgs):
+    return [decode_error(m.payload) for m in msgs if "/errors/" in m.topic]
+
+
+def test_fedavg_of_two_children_is_published_and_acked(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker)
+    c1, c2 = child(broker, name="c1"), child(broker, name="c2")
+    d1 = np.arange(SIZE, dtype=np.float32) / 10
+    d2 = -np.ones(SIZE, np.float32)
+    u1, p1 = update_bytes(d1, sender="c1", manifest=m, num_samples=30, job=JOB)
+    u2, p2 = update_bytes(d2, sender="c2", manifest=m, num_samples=10, job=JOB)
+    c1.publish(T.up("cloud", "c1"), p1)
+    node.run_once(timeout=0)
+    assert node.version == 0  # fedavg waits for both children
+    c2.publish(T.up("cloud", "c2"), p2)
+    node.run_once(timeout=0)
+    expected = np.average(np.stack([d1, d2]), axis=0, weights=[30, 10])
+    np.testing.assert_allclose(node.model, expected, rtol=1e-6)
+    assert node.version == 1
+    got1, got2 = acks(drain(c1)), acks(drain(c2))
+    assert [(a.update_id, a.status) for a in got1] == [(u1, "applied")]
+    assert [(a.update_id, a.status) for a in got2] == [(u2, "applied")]
+    retained = decode_message(broker.retained[T.down("cloud")], expected=SPECS, bundle_id=m.bundle_id,
+                              max_bytes=1 << 20)
+    assert retained.version == 1 and retained.kind == "model"
+    np.testing.assert_allclose(flatten(dict(retained.tensors), SPECS), expected, rtol=1e-6)
+
+
+def _nan_payload(m):
+    marker = np.zeros(SIZE, np.float32)
+    marker[0] = 12345.678
+    uid, p = update_bytes(marker, sender="c1", manifest=m, job=JOB)
+    needle = np.float32(12345.678).tobytes()
+    assert p.count(needle) == 1
+    return uid, p.replace(needle, np.float32(np.nan).tobytes())
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("wrong_shape", "wrong_shape"),
+    ("nan", "not_finite"),
+    ("other_bundle", "wrong_bundle"),
+    ("sender_mismatch", "wrong_sender"),
+    ("too_big_norm", "norm"),
+    ("garbage", "not_safetensors"),
+    ("stale", "stale"),
+])
+def test_bad_update_is_rejected_with_reason_and_model_unchanged(tmp_path, case, reason):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    c1 = child(broker)
+    before = node.model.copy()
+    ok = np.full(SIZE, 0.01, np.float32)
+    uid = ""
+    if case == "wrong_shape":
+        from safetensors.numpy import save
+        uid, good = update_bytes(ok, sender="c1", manifest=m, job=JOB)
+        meta = json.loads(good[8: 8 + int.from_bytes(good[:8], "little")])["__metadata__"]
+        tensors = {s.name: np.zeros(s.shape, np.float32) for s in SPECS}
+        tensors[SPECS[0].name] = np.zeros((3, 2), np.float32)
+        payload = save(tensors, metadata=meta)
+    elif case == "nan":
+        uid, payload = _nan_payload(m)
+    elif case == "other_bundle":
+        uid, payload = update_bytes(ok, sender="c1", manifest=synthetic_manifest("ffffffffffffffff"), job=JOB)
+    elif case == "sender_mismatch":
+        uid, payload = update_bytes(ok, sender="c9", manifest=m, job=JOB)
+    elif case == "too_big_norm":
+        uid, payload = update_bytes(np.full(SIZE, 1e3, np.float32), sender="c1", manifest=m, job=JOB)
+    elif case == "garbage":
+        payload = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"
+    elif case == "stale":
+        node.version = 50  # the node moved on long ago
+        uid, payload = update_bytes(ok, sender="c1", manifest=m, job=JOB, base_version=1)
+    c1.publish(T.up("cloud", "c1"), payload)
+    node.run_once(timeout=0)
+    msgs = drain(c1)
+    errs = errors(msgs)
+    assert [e.reason for e in errs] == [reason]
+    if uid:
+        assert [(a.update_id, a.status, a.reason) for a in acks(msgs)] == [(uid, "rejected", reason)]
+    np.testing.assert_array_equal(node.model, before)
+    assert node.stats.rejected[reason] == 1 and node.stats.accepted == 0
+
+
+def test_replayed_update_is_acked_as_duplicate_never_reapplied_even_after_restart(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    c1 = child(broker)
+    d = np.full(SIZE, 0.5, np.float32)
+    uid, p = update_bytes(d, sender="c1", manifest=m, job=JOB)
+    c1.publish(T.up("cloud", "c1"), p)
+    node.run_once(timeout=0)
+    np.testing.assert_allclose(node.model, d)
+    c1.publish(T.up("cloud", "c1"), p)  # QoS 1 redelivery or an outbox re-send
+    node.run_once(timeout=0)
+    np.testing.assert_allclose(node.model, d)
+    assert [a.status for a in acks(drain(c1))] == ["applied", "duplicate"]
+    # A restarted node remembers what it applied.
+    node.transport.crash()
+    node2, _ = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    assert node2.version == 1
+    np.testing.assert_allclose(node2.model, d)
+    c1.publish(T.up("cloud", "c1"), p)
+    node2.run_once(timeout=0)
+    np.testing.assert_allclose(node2.model, d)
+    assert [a.status for a in acks(drain(c1))] == ["duplicate"]
+
+
+def test_offline_child_is_not_waited_for(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedavg", children=2)
+    c1, c2 = child(broker, name="c1"), child(broker, name="c2")
+    for name, c in (("c1", c1), ("c2", c2)):
+        c.publish(T.status(name), encode_presence(Presence(name, "online", "device", 0, 1.0)), retain=True)
+    node.run_once(timeout=0)
+    for name, c in (("c1", c1), ("c2", c2)):  # round 1: both children deliver
+        c.publish(T.up("cloud", name), update_bytes(np.ones(SIZE, np.float32), sender=name, manifest=m, job=JOB)[1])
+    node.run_once(timeout=0)
+    assert node.version == 1
+    uid, p = update_bytes(np.ones(SIZE, np.float32), sender="c1", manifest=m, job=JOB, base_version=1)
+    c1.publish(T.up("cloud", "c1"), p)
+    node.run_once(timeout=0)
+    assert node.version == 1  # still waiting for c2
+    c2.publish(T.status("c2"), encode_presence(Presence("c2", "offline", "device", 0, 2.0)), retain=True)
+    node.run_once(timeout=0)
+    assert node.version == 2  # c2 left: the round closes with what c1 sent
+    assert [a.status for a in acks(drain(c1))] == ["applied", "applied"]
+
+
+def test_chunked_update_is_reassembled(tmp_path):
+    from tomtit.wire import split_payload
+
+    from tomtit.manifest import TensorSpec
+
+    broker = MemoryBroker()
+    big = synthetic_manifest(specs=(TensorSpec("w", (40, 25)),))
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1, manifest=big)
+    c1 = child(broker)
+    d = np.linspace(-1, 1, m.buffer_size).astype(np.float32)
+    uid, p = update_bytes(d, sender="c1", manifest=m, job=JOB)
+    chunks = split_payload(p, update_id=uid, limit=1024)
+    assert len(chunks) > 1
+    for ch in reversed(chunks):
+        c1.publish(T.up("cloud", "c1"), ch)
+    node.run_once(timeout=0)
+    np.testing.assert_allclose(node.model, d, rtol=1e-6)
+
+
+def test_edge_pushes_upward_and_merges_the_parent_model(tmp_path):
+    broker = MemoryBroker()
+    clock = Clock()
+    edge, m = make_node(tmp_path, broker, node_id="edge1", parent="cloud", strategy="fedbuff", children=1,
+                        clock=clock, scheduler=make_scheduler("fixed:2"))
+    cloud = broker.client("cloud-probe")
+    cloud.subscribe(T.up_filter("cloud"))
+    c1 = child(broker, node="edge1")
+    d1, d2 = np.full(SIZE, 0.1, np.float32), np.full(SIZE, 0.2, np.float32)
+    for d in (d1, d2):
+        _, p = update_bytes(d, sender="c1", manifest=m, job=JOB)
+        c1.publish(T.up("edge1", "c1"), p)
+        edge.run_once(timeout=0)
+    ups = [x for x in drain(cloud) if x.topic == T.up("cloud", "edge1")]
+    assert len(ups) == 1  # fixed:2 -> one push after two absorbed updates
+    pushed = decode_message(ups[0].payload, expected=SPECS, bundle_id=m.bundle_id, max_bytes=1 << 20,
+                            expect_sender="edge1")
+    np.testing.assert_allclose(flatten(dict(pushed.tensors), SPECS), d1 + d2, rtol=1e-3)  # f16 upward
+    assert pushed.local_steps == 2 and len(edge.outbox) == 1
+    # One more child update arrives; then the parent publishes its new model P.
+    _, p = update_bytes(np.full(SIZE, 0.05, np.float32), sender="c1", manifest=m, job=JOB)
+    c1.publish(T.up("edge1", "c1"), p)
+    edge.run_once(timeout=0)
+    parent_model = np.full(SIZE, 1.0, np.float32)
+    cloud.publish(T.down("cloud"), encode_message(ModelMessage(
+        kind="model", sender="cloud", job=JOB, bundle_id=m.bundle_id, base_version=0, version=1, num_samples=0,
+        local_steps=0, train_loss=0.0, energy_j=0.0, is_delta=False, created_at=1.0,
+        tensors=unflatten(parent_model, SPECS))), retain=True)
+    edge.run_once(timeout=0)
+    # merge rule: P + (model - pushed); model - pushed is the unsent 0.05 (+ f16 rounding of d1+d2)
+    np.testing.assert_allclose(edge.model, parent_model + 0.05, atol=1e-3)
+    assert edge.parent_version == 1
+    # The parent's ack clears the edge's outbox.
+    from tomtit.wire import Ack, encode_ack
+    cloud.publish(T.ack("cloud", "edge1"), encode_ack(Ack(update_id=pushed.update_id, status="applied")))
+    edge.run_once(timeout=0)
+    assert len(edge.outbox) == 0
