@@ -354,10 +354,8 @@ class Node:
         log.info("v%d: aggregated %d update(s) from %s (staleness %s), train loss %.4f", self.version,
                  len(result.update_ids), ",".join(result.senders), list(result.staleness), result.mean_train_loss)
         if self.evaluator is not None:
-            acc, loss = self.evaluator(self.model)
-            self.stats.accuracy.append({"t": round(now - self.started, 3), "version": self.version,
-                                        "accuracy": acc, "loss": loss})
-            log.info("v%d: held-out accuracy %.4f, loss %.4f", self.version, acc, loss)
+            self.evaluate_current()
+            acc = self.stats.accuracy[-1]["accuracy"]
             if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
                 self.finish(f"target accuracy {self.cfg.target_accuracy} reached")
         if self.scheduler is not None:
@@ -447,7 +445,21 @@ class Node:
         if self.cfg.max_minutes is not None and now - self.started >= 60 * self.cfg.max_minutes:
             self.finish(f"time limit {self.cfg.max_minutes} min")
 
+    def evaluate_current(self) -> None:
+        """Record the accuracy of the model as it stands (the untrained head's, at version 0)."""
+        if self.evaluator is None:
+            return
+        acc, loss = self.evaluator(self.model)
+        self.stats.accuracy.append({"t": round(self.clock() - self.started, 3), "version": self.version,
+                                    "accuracy": acc, "loss": loss})
+        log.info("v%d%s: held-out accuracy %.4f, loss %.4f", self.version,
+                 " (untrained head)" if self.version == 0 else "", acc, loss)
+
     def run(self, should_stop: Callable[[], bool]) -> NodeStats:
+        # Subscribe first: evaluation takes seconds, and a non-retained update published while we
+        # are not yet subscribed would be dropped by the broker (children would re-send, but late).
+        self._on_connection_change()
+        self.evaluate_current()
         try:
             while not should_stop() and not self.finished:
                 self.run_once()

@@ -144,6 +144,8 @@ class MqttTransport(Transport):
         client, self._client = self._client, None
         if client is None:
             return
+        # paho's network thread logs "Client is not connected" at ERROR while it winds down.
+        client.disable_logger()
         try:
             client.disconnect()  # a clean DISCONNECT: the broker does not publish our will
         finally:

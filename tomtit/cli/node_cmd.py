@@ -79,10 +79,6 @@ def run(args: argparse.Namespace) -> int:
     node = Node(config, manifest=m, initial_adapter=load_adapter(bundle.path("initial_adapter"), m), buffer=buffer,
                 transport=transport, state_dir=args.state_dir or Path("state") / args.job / args.id,
                 scheduler=scheduler, evaluator=evaluator)
-    if evaluator is not None and node.version == 0:
-        acc, loss = evaluator(node.model)
-        node.stats.accuracy.append({"t": 0.0, "version": 0, "accuracy": acc, "loss": loss})
-        log.info("v0 (untrained head): held-out accuracy %.4f, loss %.4f", acc, loss)
     log.info("node %s (%s), strategy %s, bundle %s", args.id, f"edge of {args.parent}" if args.parent else "cloud",
              args.strategy, m.bundle_id)
     stop = stop_event_on_signals()
