@@ -1,0 +1,202 @@
+"""`tomtit demo`: the whole system on one machine, each tier its own process.
+
+export (once) -> non-IID split -> broker (embedded amqtt by default) -> cloud -> edges -> devices
+-> wait until the cloud reaches the target accuracy or its time limit -> summary.
+Every process is the same `tomtit` command a field deployment runs; logs go to OUT/logs/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm-l6", help="minilm-l6 | PATH to a BERT-family folder")
+    p.add_argument("--data", default="bbc-news")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--edges", type=int, default=2)
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew over devices")
+    p.add_argument("--max-len", type=int, default=32,
+                   help="tokens per text (32 keeps 4 devices + 2 edges + cloud responsive on 2 cores)")
+    p.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://HOST:PORT (your own)")
+    p.add_argument("--port", type=int, default=0, help="port for the broker we start (0: a free one)")
+    p.add_argument("--scheduler", default="marginal:tau_min=5,tau_max=30", help="device sync scheduler")
+    p.add_argument("--edge-scheduler", default="marginal:tau_min=2,tau_max=6")
+    p.add_argument("--strategy", default="fedbuff")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--target-accuracy", type=float, default=0.8)
+    p.add_argument("--max-minutes", type=float, default=15)
+    p.add_argument("--job", default="demo")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+
+
+def _tomtit(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen([sys.executable, "-m", "tomtit", *args], stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(procs: dict[str, subprocess.Popen], timeout: float = 20) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs.values():
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_broker.brokers import free_port, wait_for_port
+    from tomtit.cli import CliError
+
+    if args.devices < 1 or args.edges < 1 or args.devices < args.edges:
+        raise CliError("need --devices >= --edges >= 1")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    bundle, split = out / "bundle", out / "split"
+    say = print
+
+    if not (bundle / "manifest.json").is_file():
+        say(f"[1/4] exporting {args.model} + LoRA for {args.data} -> {bundle}")
+        from export.bundle_builder import ExportConfig, export_bundle
+
+        export_bundle(ExportConfig(model=args.model, data=args.data, out=bundle, max_length=args.max_len, force=True),
+                      log=lambda m: say("      " + m))
+    else:
+        say(f"[1/4] reusing bundle {bundle}")
+    if not (split / "test.jsonl").is_file():
+        from tomtit.cli import main as tomtit_main
+
+        say(f"[2/4] splitting {args.data} over {args.devices} devices (Dirichlet alpha={args.alpha})")
+        rc = tomtit_main(["data", "split", "--data", args.data, "--devices", str(args.devices), "--alpha",
+                          str(args.alpha), "--seed", "0", "--test-fraction", "0.2", "--out", str(split), "--force"])
+        if rc:
+            return rc
+    else:
+        say(f"[2/4] reusing split {split}")
+
+    procs: dict[str, subprocess.Popen] = {}
+    broker_procs: dict[str, subprocess.Popen] = {}
+    mosquitto = None
+    if args.broker.startswith("mqtt"):
+        url = args.broker
+    else:
+        port = args.port or free_port()
+        url = f"mqtt://127.0.0.1:{port}"
+        if args.broker == "mosquitto":
+            from edge_broker.brokers import MosquittoConfig, MosquittoProcess
+
+            mosquitto = MosquittoProcess(MosquittoConfig(port=port), workdir=out / "mosquitto")
+            (out / "mosquitto").mkdir(exist_ok=True)
+            mosquitto.start()
+        elif args.broker == "embedded":
+            broker_procs["broker"] = _tomtit(["broker", "run", "--port", str(port)], logs / "broker.log")
+            if not wait_for_port("127.0.0.1", port, 20):
+                _stop(broker_procs)
+                raise CliError(f"the embedded broker did not start; see {logs / 'broker.log'}")
+        else:
+            raise CliError("--broker must be embedded, mosquitto or mqtt://HOST:PORT")
+    say(f"[3/4] broker {url} ({args.broker}); logs in {logs}")
+    state = out / "state" / f"{args.job}-{int(time.time())}"
+    common = ["--bundle", str(bundle), "--broker", url, "--job", args.job]
+    per_edge = -(-args.devices // args.edges)
+    procs["cloud"] = _tomtit(["node", "run", "--id", "cloud", *common, "--strategy", args.strategy,
+                              "--k", str(min(2, args.edges)), "--eval-data", str(split / "test.jsonl"),
+                              "--target-accuracy", str(args.target_accuracy), "--max-minutes", str(args.max_minutes),
+                              "--state-dir", str(state / "cloud"), "--summary", str(out / "cloud.json")],
+                             logs / "cloud.log")
+    for e in range(args.edges):
+        procs[f"edge{e}"] = _tomtit(["node", "run", "--id", f"edge{e}", "--parent", "cloud", *common,
+                                     "--strategy", args.strategy, "--k", str(min(2, per_edge)), "--max-wait", "30",
+                                     "--scheduler", args.edge_scheduler, "--state-dir", str(state / f"edge{e}"),
+                                     "--summary", str(out / f"edge{e}.json")], logs / f"edge{e}.log")
+    width = max(2, len(str(args.devices - 1)))
+    for d in range(args.devices):
+        name = f"dev{d:0{width}d}"
+        procs[name] = _tomtit(["device", "run", "--id", name, "--parent", f"edge{d // per_edge}", *common,
+                               "--data", str(split / f"device-{d:0{width}d}.jsonl"), "--scheduler", args.scheduler,
+                               "--lr", str(args.lr), "--state-dir", str(state / name),
+                               "--summary", str(out / f"{name}.json")], logs / f"{name}.log")
+    say(f"[4/4] running cloud + {args.edges} edges + {args.devices} devices "
+        f"(target accuracy {args.target_accuracy}, at most {args.max_minutes} min); Ctrl-C stops everything")
+    t0 = time.monotonic()
+    shown = 0
+    try:
+        while procs["cloud"].poll() is None:
+            time.sleep(2)
+            shown = _show_progress(logs / "cloud.log", shown, t0, say)
+            dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if dead:
+                say(f"process(es) {', '.join(dead)} failed; see {logs}")
+                break
+        _show_progress(logs / "cloud.log", shown, t0, say)
+        deadline = time.monotonic() + 60  # "finished" propagates: edges then devices stop by themselves
+        while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say("interrupted: stopping every process")
+    finally:
+        _stop(procs)
+        _stop(broker_procs)
+        if mosquitto is not None:
+            mosquitto.stop()
+    return _report(out, args, say)
+
+
+def _show_progress(cloud_log: Path, shown: int, t0: float, say) -> int:
+    lines = [line for line in cloud_log.read_text(errors="replace").splitlines() if "held-out accuracy" in line]
+    for line in lines[shown:]:
+        say(f"      {time.monotonic() - t0:6.0f}s  cloud {line.split(' INFO ', 1)[-1]}")
+    return len(lines)
+
+
+def _report(out: Path, args: argparse.Namespace, say) -> int:
+    cloud_file = out / "cloud.json"
+    if not cloud_file.is_file():
+        say(f"no cloud summary: see {out / 'logs' / 'cloud.log'}")
+        return 1
+    cloud = json.loads(cloud_file.read_text())
+    summary = {"cloud": {k: cloud[k] for k in ("stop_reason", "final_version", "updates_accepted",
+                                              "updates_rejected", "duplicates", "bytes_in", "seconds")}}
+    acc = cloud["accuracy"]
+    summary["cloud"]["accuracy_start"] = acc[0]["accuracy"] if acc else None
+    summary["cloud"]["accuracy_best"] = max((a["accuracy"] for a in acc), default=None)
+    summary["edges"] = {}
+    for f in sorted(out.glob("edge*.json")):
+        e = json.loads(f.read_text())
+        summary["edges"][e["node"]] = {"pushes_up": e["pushes_up"], "push_times_s": e["push_times"][:20],
+                                       "aggregations": e["aggregations"]}
+    summary["devices"] = {}
+    for f in sorted(out.glob("dev*.json")):
+        d = json.loads(f.read_text())
+        iv = d["intervals"]
+        summary["devices"][d["id"]] = {"steps": d["steps"], "syncs": d["syncs"], "joules": round(d["joules"], 1),
+                                       "energy_estimated": d["energy_estimated"],
+                                       "mean_interval": round(sum(iv) / len(iv), 1) if iv else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    c = summary["cloud"]
+    say(f"\ncloud: {c['stop_reason']}; accuracy {c['accuracy_start']:.3f} (untrained head) -> "
+        f"{c['accuracy_best']:.3f} in {c['seconds']:.0f} s, {c['final_version']} global versions, "
+        f"{c['updates_accepted']} edge updates")
+    for name, e in summary["edges"].items():
+        say(f"{name}: pushed upward {e['pushes_up']} times, at {e['push_times_s'][:8]} s ...")
+    for name, d in summary["devices"].items():
+        say(f"{name}: {d['steps']} steps, {d['syncs']} syncs (mean interval {d['mean_interval']} steps, chosen by "
+            f"its own scheduler), {d['joules']} J{' (estimated)' if d['energy_estimated'] else ''}")
+    say(f"summary -> {out / 'summary.json'}")
+    return 0
