@@ -106,7 +106,122 @@ class OrtTrainingBackend(Trainer):
         self._optimizer.set_learning_rate(lr)
 
 
+class PortableBackend(Trainer):
+    """The exported step graph (`train_step.onnx`) on plain onnxruntime — any platform with an
+    onnxruntime wheel, aarch64 boards included.
+
+    Parameters and Adam moments live in ORT memory as OrtValues between steps: IOBinding feeds
+    each step's outputs back as the next step's inputs, so nothing round-trips through numpy
+    except the batch going in and the loss coming out.
+    """
+
+    backend = "portable"
+
+    def __init__(self, bundle: Bundle, config: TrainerConfig = TrainerConfig()):
+        from device_runtime.adapter import load_adapter, unflatten
+        from device_runtime.ort_api import load_onnxruntime
+
+        self._ort = load_onnxruntime()
+        self._manifest = bundle.manifest
+        entry = bundle.manifest.extra.get("portable")
+        if not entry:
+            raise BundleError(f"bundle {bundle.root} has no portable training step; re-export with --backend both")
+        self._inputs, self._outputs = list(entry["inputs"]), list(entry["outputs"])
+        n = len(bundle.manifest.trainable)
+        if len(self._inputs) != 3 * n + 5 or len(self._outputs) != 3 * n + 2:
+            raise BundleError("the portable step's inputs/outputs do not match the manifest's trainables")
+        try:
+            self._session = self._ort.InferenceSession(str(bundle.path("train_step")), _session_options(config.threads),
+                                                       providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises assorted pybind exceptions for a bad model
+            raise BundleError(f"{bundle.path('train_step')} does not load: {e}") from None
+        self._n = n
+        initial = load_adapter(bundle.path("initial_adapter"), bundle.manifest)
+        self._params = [self._value(a) for a in unflatten(initial, bundle.manifest.trainable).values()]
+        self._m = [self._value(np.zeros(t.shape, np.float32)) for t in bundle.manifest.trainable]
+        self._v = [self._value(np.zeros(t.shape, np.float32)) for t in bundle.manifest.trainable]
+        self._step = self._value(np.array(0.0, np.float32))
+        self._lr = self._value(np.array(config.learning_rate, np.float32))
+
+    def _value(self, a: np.ndarray):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def step(self, input_ids, attention_mask, labels) -> float:
+        io = self._session.io_binding()
+        state = [*self._params, *self._m, *self._v, self._step, self._lr]
+        for name, value in zip(self._inputs, state):
+            io.bind_ortvalue_input(name, value)
+        for name, array in zip(self._inputs[-3:], (input_ids, attention_mask, labels)):
+            io.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.int64)))
+        for name in self._outputs:
+            io.bind_output(name, "cpu")
+        self._session.run_with_iobinding(io)
+        out = io.get_outputs()
+        n = self._n
+        self._params, self._m, self._v = out[1:1 + n], out[1 + n:1 + 2 * n], out[1 + 2 * n:1 + 3 * n]
+        # The exporter may give the step counter shape (1,); keep it the scalar the input declares.
+        self._step = self._value(out[1 + 3 * n].numpy().reshape(()))
+        return float(out[0].numpy().reshape(()))
+
+    def get_adapter(self) -> np.ndarray:
+        return np.concatenate([p.numpy().reshape(-1) for p in self._params]).astype(np.float32)
+
+    def set_adapter(self, buffer: np.ndarray) -> None:
+        from device_runtime.adapter import unflatten
+
+        buffer = np.ascontiguousarray(buffer, dtype=np.float32)
+        if buffer.shape != (self._manifest.buffer_size,):
+            raise ValueError(f"adapter buffer shape {buffer.shape} != ({self._manifest.buffer_size},)")
+        self._params = [self._value(a) for a in unflatten(buffer, self._manifest.trainable).values()]
+
+    def set_learning_rate(self, lr: float) -> None:
+        self._lr = self._value(np.array(lr, np.float32))
+
+    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(m, v, step) as flat buffers: for tests that compare against a reference optimizer."""
+        flat = lambda vs: np.concatenate([x.numpy().reshape(-1) for x in vs])  # noqa: E731
+        return flat(self._m), flat(self._v), float(self._step.numpy().reshape(()))
+
+
+BACKENDS = ("auto", "ort-training", "portable")
+# The bundle files each backend reads (verified against the manifest's hashes before use).
+BACKEND_ROLES = {
+    "ort-training": ("training_model", "eval_model", "optimizer_model", "checkpoint"),
+    "portable": ("train_step", "initial_adapter"),
+}
+
+
+def resolve_backend(manifest, backend: str = "auto") -> str:
+    """`auto`: ORT's training API when this onnxruntime has it and the bundle has its artifacts,
+    else the portable step graph (plain onnxruntime, any platform)."""
+    from device_runtime.ort_api import OrtTrainingUnavailable, load_training_api
+
+    if backend not in BACKENDS:
+        raise BundleError(f"unknown trainer backend {backend!r} (choices: {', '.join(BACKENDS)})")
+    if backend != "auto":
+        return backend
+    has_ort_files = "checkpoint" in manifest.files
+    if has_ort_files:
+        try:
+            load_training_api()
+            return "ort-training"
+        except OrtTrainingUnavailable:
+            pass
+    if "train_step" in manifest.files:
+        return "portable"
+    raise BundleError("this onnxruntime has no training API and the bundle has no portable step "
+                      "(re-export with --backend both, or pip install onnxruntime-training-cpu)")
+
+
 def make_trainer(bundle: Bundle, config: TrainerConfig = TrainerConfig(), backend: str = "auto") -> Trainer:
-    if backend in ("auto", "ort-training"):
-        return OrtTrainingBackend(bundle, config)
-    raise BundleError(f"unknown trainer backend {backend!r} (choices: auto, ort-training)")
+    backend = resolve_backend(bundle.manifest, backend)
+    return PortableBackend(bundle, config) if backend == "portable" else OrtTrainingBackend(bundle, config)
+
+
+def open_training_bundle(root, backend: str = "auto") -> tuple[Bundle, str]:
+    """Open a bundle for training, verifying exactly the files the chosen backend will read."""
+    from device_runtime.bundle import open_bundle
+
+    unverified = open_bundle(root, roles=(), verify=False)
+    chosen = resolve_backend(unverified.manifest, backend)
+    return open_bundle(root, roles=BACKEND_ROLES[chosen] + ("tokenizer",)), chosen

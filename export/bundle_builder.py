@@ -35,11 +35,16 @@ from tomtit.manifest import (
     TensorSpec,
 )
 
-BUNDLE_FILES = {
+ORT_TRAINING_FILES = {
     "training_model": "training_model.onnx",
     "eval_model": "eval_model.onnx",
     "optimizer_model": "optimizer_model.onnx",
     "checkpoint": "checkpoint",
+}
+PORTABLE_FILES = {"train_step": "train_step.onnx"}
+BUNDLE_FILES = {
+    **ORT_TRAINING_FILES,
+    **PORTABLE_FILES,
     "inference_model": "inference.onnx",
     "tokenizer": "tokenizer.json",
     "initial_adapter": "adapter_init.safetensors",  # version 0 of the adapter, readable without ORT training
@@ -50,7 +55,9 @@ LOGITS_OUTPUT = "logits"
 HEAD_MODULES = ("classifier",)
 # ORT's AdamW block as generate_artifacts builds it (onnxblock.optim.AdamW defaults). Recorded so
 # other backends and readers of the manifest know the exact update rule.
-ORT_ADAMW = {"betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "bias_correction": True}
+ORT_ADAMW = {"betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "bias_correction": True,
+             # AdamWOptimizer adam_mode=1: p -= lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v)+eps); p -= lr*wd*p
+             "mode": "huggingface"}
 
 
 class ExportError(TomtitError):
@@ -71,6 +78,7 @@ class ExportConfig:
     seed: int = 0  # LoRA A and head initialisation
     init_adapter: Path | None = None  # a PEFT LoRA folder to seed the adapter (and head) from
     force: bool = False  # replace an existing --out
+    backend: str = "both"  # ort-training artifacts, the portable step graph (plain onnxruntime), or both
 
 
 def _quiet_libraries() -> None:
@@ -283,24 +291,32 @@ def _make_training_artifacts(onnx_path: Path, trainable: list[str], out_dir: Pat
 
 @contextlib.contextmanager
 def _native_stderr_captured():
-    """ORT's gradient builder logs every graph pass at INFO from C++, ignoring Python severity
-    settings; keep that off the user's terminal and show it only if generation fails."""
+    """Keep native chatter off the user's terminal: ORT's gradient builder logs every graph pass
+    at INFO from C++ (ignoring Python severity settings) and torch.onnx prints progress lines.
+    Shown only if the step fails."""
     import sys
 
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+        failed = False
         try:
             yield
         except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read()[-4000:].decode(errors="replace"))
+            failed = True
             raise
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read()[-4000:].decode(errors="replace"))
 
 
 def _make_inference_model(onnx_path: Path, trainable: list[TensorSpec], dest: Path) -> None:
@@ -418,6 +434,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
     _check_out(out, cfg.force)
     if cfg.rank < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1 or cfg.max_length < 2:
         raise ExportError("need --rank >= 1, --alpha > 0, 0 <= --dropout < 1, --max-len >= 2")
+    if cfg.backend not in ("ort-training", "portable", "both"):
+        raise ExportError(f"--backend {cfg.backend!r}: choose ort-training, portable or both")
     if not 9 <= cfg.opset <= 21:
         raise ExportError(f"--opset {cfg.opset} is outside what ORT 1.19 training accepts (9-21; 14 recommended)")
     source = resolve_model(cfg.model)
@@ -437,11 +455,22 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
         with tempfile.TemporaryDirectory(prefix="tomtit-onnx-") as work:
             train_onnx = Path(work) / "train_mode.onnx"
             eval_onnx = Path(work) / "eval_mode.onnx"
-            _export_onnx(model, train_onnx, training=True, opset=cfg.opset)
-            log("exported training-mode ONNX; generating ORT training artifacts")
-            _make_training_artifacts(train_onnx, sorted(params), tmp)
-            order = _buffer_order(tmp, params)
+            if cfg.backend in ("ort-training", "both"):
+                _export_onnx(model, train_onnx, training=True, opset=cfg.opset)
+                log("exported training-mode ONNX; generating ORT training artifacts")
+                _make_training_artifacts(train_onnx, sorted(params), tmp)
+                order = _buffer_order(tmp, params)
+            else:
+                order = sorted(params)
             trainable = [TensorSpec(n, tuple(params[n].shape), "float32") for n in order]
+            portable = None
+            if cfg.backend in ("portable", "both"):
+                from export.portable_step import export_portable_step
+
+                log("tracing the portable training step (forward + backward + AdamW as plain ONNX)")
+                with _native_stderr_captured():
+                    portable = export_portable_step(_logits_wrapper(model), order, ORT_ADAMW,
+                                                    tmp / PORTABLE_FILES["train_step"], max_length=cfg.max_length)
             _export_onnx(model, eval_onnx, training=False, opset=cfg.opset)
             _make_inference_model(eval_onnx, trainable, tmp / BUNDLE_FILES["inference_model"])
         max_diff = _verify_inference(tmp, model, trainable, tmp / BUNDLE_FILES["tokenizer"])
@@ -476,12 +505,14 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
                 "init_adapter": str(cfg.init_adapter) if cfg.init_adapter else None,
                 "export_check_max_abs_logit_diff": max_diff,
                 "torch": torch.__version__,
+                "backends": [b for b in ("ort-training", "portable") if cfg.backend in (b, "both")],
+                "portable": portable,
             },
         }
         manifest["bundle_id"] = bundle_identity(manifest)
         _write_initial_adapter(tmp / BUNDLE_FILES["initial_adapter"], params, trainable, manifest)
         manifest["files"] = {role: {"name": name, "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                             for role, name in BUNDLE_FILES.items()}
+                             for role, name in BUNDLE_FILES.items() if (tmp / name).is_file()}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         result = Manifest.from_dict(manifest)
         _replace_dir(tmp, out)

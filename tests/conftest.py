@@ -49,7 +49,9 @@ def make_tiny_bert(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=128)
+                     intermediate_size=2 * hidden, max_position_embeddings=128,
+                     # no dropout: both training backends then compute the same deterministic step
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     folder.mkdir(parents=True, exist_ok=True)
     BertModel(cfg).save_pretrained(str(folder))
     for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from tomtit.cli.mqtt_args import add_broker_args, mqtt_options, setup_logging, stop_event_on_signals
 
-TRAIN_ROLES = ("training_model", "eval_model", "optimizer_model", "checkpoint", "tokenizer")
-
 
 def register(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
@@ -27,6 +25,7 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--backend", default="auto", help="auto | ort-training | portable (plain onnxruntime)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-steps", type=int, help="stop after this many local steps")
     r.add_argument("--link-j-per-mb", type=float, default=0.5, help="radio energy per MB uploaded")
@@ -36,12 +35,11 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.agent import DeviceAgent, DeviceConfig
-    from device_runtime.bundle import open_bundle
     from device_runtime.energy import detect_meter
     from device_runtime.local_data import BatchStream, encode_dataset
     from device_runtime.scheduler import make_scheduler
     from device_runtime.text import TextEncoder
-    from device_runtime.trainer import TrainerConfig, make_trainer
+    from device_runtime.trainer import TrainerConfig, make_trainer, open_training_bundle
     from tomtit.data import load_dataset
     from tomtit.mqtt import MqttTransport
     from tomtit.transport import Will
@@ -53,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
     check_id(args.parent, "--parent")
     topics = Topics(args.job)
     # Everything that can fail on bad input fails here, before we touch the broker.
-    bundle = open_bundle(args.bundle, roles=TRAIN_ROLES)
+    bundle, backend = open_training_bundle(args.bundle, args.backend)
     m = bundle.manifest
     data = encode_dataset(load_dataset(args.data), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
     scheduler = make_scheduler(args.scheduler)
     meter = detect_meter(args.energy)
-    trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr))
+    trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr), backend)
     state_dir = args.state_dir or Path("state") / args.job / args.id
     config = DeviceConfig(device_id=args.id, parent=args.parent, job=args.job, codec=args.codec,
                           resend_after_s=args.resend_after, link_joules_per_mb=args.link_j_per_mb,

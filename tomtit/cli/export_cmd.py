@@ -18,6 +18,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-adapter", type=Path, help="seed the adapter from a PEFT LoRA folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--backend", default="both", choices=["ort-training", "portable", "both"],
+                   help="training graphs to build: ORT training artifacts (onnxruntime-training, x86), the portable "
+                        "step (plain onnxruntime, aarch64 boards too), or both")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         init_adapter=args.init_adapter,
         force=args.force,
+        backend=args.backend,
     )
     export_bundle(cfg)
     return 0

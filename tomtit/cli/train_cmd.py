@@ -6,8 +6,6 @@ import json
 import time
 from pathlib import Path
 
-TRAIN_ROLES = ("training_model", "eval_model", "optimizer_model", "checkpoint", "tokenizer")
-
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, type=Path)
@@ -15,6 +13,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="auto", help="auto | ort-training | portable (plain onnxruntime)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapter", type=Path, help="start from this adapter (safetensors) instead of the bundle's")
@@ -24,10 +23,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.adapter import load_adapter, save_adapter
-    from device_runtime.bundle import open_bundle
     from device_runtime.local_data import BatchStream, encode_dataset
     from device_runtime.text import TextEncoder
-    from device_runtime.trainer import TrainerConfig, make_trainer
+    from device_runtime.trainer import TrainerConfig, make_trainer, open_training_bundle
     from tomtit.cli import CliError
     from tomtit.data import load_dataset
 
@@ -35,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--steps, --batch and --threads must be >= 1")
     if args.save_adapter and not args.save_adapter.parent.is_dir():
         raise CliError(f"folder of --save-adapter ({args.save_adapter.parent}) does not exist")
-    bundle = open_bundle(args.bundle, roles=TRAIN_ROLES)
+    bundle, backend = open_training_bundle(args.bundle, args.backend)
     m = bundle.manifest
     data = encode_dataset(load_dataset(args.data), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
-    trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr))
+    trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr), backend)
     if args.adapter:
         trainer.set_adapter(load_adapter(args.adapter, m))
     stream = BatchStream(data, args.batch, seed=args.seed)

@@ -1,0 +1,143 @@
+"""The whole training step as ONE plain ONNX graph: forward, backward and AdamW of the adapter.
+
+Why: onnxruntime-training (ORT's on-device training build) has no aarch64 wheel and is no longer
+released, so a Raspberry Pi or Jetson cannot `pip install` it. The stock `onnxruntime` package
+can: it runs any graph of standard `ai.onnx` ops. So we export the step itself as such a graph:
+
+    (adapter params, Adam m, v, step, lr, input_ids, attention_mask, labels)
+        -> (loss, new params, new m, new v, new step)
+
+with the frozen base weights as initializers. Route (measured; others fail): write the step as a
+pure function with `torch.func.functional_call` + `torch.autograd.grad` + AdamW written out, trace
+it with `make_fx` (symbolic shapes, core-ATen decompositions), wrap the traced graph in a module
+whose buffers are the frozen tensors, `torch.export.export(strict=False)`, then
+`torch.onnx.export(exported_program, optimize=False)`.
+
+Two silent bugs are avoided on purpose (tests catch both):
+- the loss is written out (log_softmax + gather + mean): onnxscript's `nll_loss_forward` fakes
+  total_weight = 1, making gradients batch-size times too large — which Adam hides in the loss
+  curve, so a falling loss proves nothing;
+- `optimize=False`: the onnxscript optimizer folds `x + 1e-6` and `x * 0.999...` to identity, so
+  Adam's eps and weight decay would vanish. ORT's own graph optimisation at load time is safe.
+
+The AdamW here is exactly ORT's training block (onnxblock AdamW = AdamWOptimizer, adam_mode=1,
+i.e. Hugging Face's AdamW with bias correction), so both backends move an adapter the same way. Base-model
+dropout is off in this graph (eval-mode modules): a pure step function cannot carry an RNG state
+across steps portably, and dropout is not what LoRA fine-tuning of a frozen base relies on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+STEP_FILE = "train_step.onnx"
+OPSET = 20
+
+
+def io_names(n_trainable: int) -> tuple[list[str], list[str]]:
+    ins = ([f"param_{i}" for i in range(n_trainable)] + [f"adam_m_{i}" for i in range(n_trainable)]
+           + [f"adam_v_{i}" for i in range(n_trainable)] + ["step", "lr", "input_ids", "attention_mask", "labels"])
+    outs = (["loss"] + [f"new_param_{i}" for i in range(n_trainable)] + [f"new_adam_m_{i}" for i in range(n_trainable)]
+            + [f"new_adam_v_{i}" for i in range(n_trainable)] + ["new_step"])
+    return ins, outs
+
+
+def make_step_fn(model, trainable: list[str], frozen: list[str], opt: dict):
+    """The pure training step over flat argument lists (what make_fx traces)."""
+    import torch
+    from torch.func import functional_call
+
+    b1, b2 = (float(b) for b in opt["betas"])
+    eps, wd = float(opt["eps"]), float(opt["weight_decay"])
+    n = len(trainable)
+
+    def step_fn(*args):
+        params, m, v = args[:n], args[n:2 * n], args[2 * n:3 * n]
+        step, lr, input_ids, attention_mask, labels = args[3 * n:3 * n + 5]
+        frozen_values = args[3 * n + 5:]
+        state = dict(zip(trainable, params))
+        state.update(zip(frozen, frozen_values))
+        logits = functional_call(model, state, (input_ids, attention_mask))
+        logp = torch.log_softmax(logits, dim=-1)
+        loss = -logp.gather(1, labels.unsqueeze(1)).mean()  # written out: see the module docstring
+        grads = torch.autograd.grad(loss, params)
+        t = step + 1.0
+        bc1 = 1.0 - torch.pow(torch.tensor(b1), t)
+        bc2 = 1.0 - torch.pow(torch.tensor(b2), t)
+        step_size = lr * torch.sqrt(bc2) / bc1
+        new_p, new_m, new_v = [], [], []
+        for p, g, mi, vi in zip(params, grads, m, v):
+            # ORT's AdamWOptimizer with adam_mode=1 (Hugging Face AdamW), which is what
+            # generate_artifacts builds: eps is added to sqrt(v) *before* bias correction, and
+            # decoupled weight decay applies to the updated weight. (torch.optim.AdamW adds eps
+            # after; the two differ only where |g| is near eps.)
+            mi = b1 * mi + (1.0 - b1) * g
+            vi = b2 * vi + (1.0 - b2) * g * g
+            p = p - step_size * mi / (torch.sqrt(vi) + eps)
+            p = p - lr * wd * p
+            new_p.append(p)
+            new_m.append(mi)
+            new_v.append(vi)
+        return (loss, *new_p, *new_m, *new_v, t)
+
+    return step_fn
+
+
+def export_portable_step(logits_module, trainable: list[str], opt: dict, dest: Path, *, max_length: int) -> dict:
+    """Trace and export the step of `logits_module` ((input_ids, attention_mask) -> logits).
+
+    Returns the manifest entry: file, input/output names, hyper-parameters, shape ranges.
+    """
+    import torch
+    from torch._decomp import core_aten_decompositions
+    from torch.export import Dim
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    logits_module = logits_module.eval()  # no dropout: see the module docstring
+    named = dict(logits_module.named_parameters())
+    named.update(dict(logits_module.named_buffers()))
+    # Manifest names are PEFT's; the wrapper module may add its own prefix (e.g. "inner.").
+    prefix = next((k[: len(k) - len(trainable[0])] for k in named if k.endswith(trainable[0])), "")
+    trainable = [prefix + t for t in trainable]
+    missing = [t for t in trainable if t not in named]
+    if missing:
+        raise ValueError(f"the module has no parameter(s) {missing[:3]}")
+    frozen = [k for k in named if k not in set(trainable)]
+    step_fn = make_step_fn(logits_module, trainable, frozen, opt)
+    batch, seq = 4, min(16, max_length)
+    params = [named[k].detach().clone().requires_grad_(True) for k in trainable]
+    zeros = [torch.zeros_like(p).detach() for p in params]
+    example = (*params, *zeros, *[z.clone() for z in zeros], torch.tensor(0.0), torch.tensor(1e-3),
+               torch.randint(1000, 2000, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
+               torch.randint(0, 2, (batch,)))
+    frozen_values = [named[k].detach() for k in frozen]
+    with torch.enable_grad():
+        traced = make_fx(step_fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(
+            *example, *frozen_values)
+
+    class Step(torch.nn.Module):
+        """The traced step; the frozen base weights ride along as buffers (ONNX initializers)."""
+
+        def __init__(self):
+            super().__init__()
+            self.traced = traced
+            for i, value in enumerate(frozen_values):
+                self.register_buffer(f"frozen_{i}", value.clone(), persistent=True)
+            self._n_frozen = len(frozen_values)
+
+        def forward(self, *args):
+            return self.traced(*args, *[getattr(self, f"frozen_{i}") for i in range(self._n_frozen)])
+
+    module = Step()
+    n = len(trainable)
+    b = Dim("batch", min=2, max=64)
+    s = Dim("seq", min=2, max=max(3, max_length))
+    dynamic = [None] * (3 * n + 2) + [{0: b, 1: s}, {0: b, 1: s}, {0: b}]
+    example_plain = tuple(x.detach() for x in example)
+    # forward(*args): dynamic_shapes mirrors the inputs as one tuple (the varargs)
+    ep = torch.export.export(module, example_plain, dynamic_shapes=(tuple(dynamic),), strict=False)
+    ins, outs = io_names(n)
+    torch.onnx.export(ep, (), str(dest), input_names=ins, output_names=outs, opset_version=OPSET,
+                      optimize=False, external_data=False)
+    return {"file": dest.name, "inputs": ins, "outputs": outs, "opset": OPSET, "optimizer": dict(opt),
+            "loss": "cross_entropy (log_softmax + gather + mean)", "dropout": "off",
+            "batch_range": [2, 64], "seq_range": [2, max(3, max_length)]}
