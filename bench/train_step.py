@@ -1,9 +1,10 @@
-"""Training-step benchmark: the ORT bundle vs PyTorch eager on the same MiniLM-L6 + LoRA.
+"""Training-step benchmark: ORT training, the portable step graph and PyTorch eager, same MiniLM-L6 + LoRA.
 
     python bench/train_step.py [--bundle runs/minilm] [--threads 1] [--rounds 20]
 
-In one process, alternating step by step (so drift in machine load hits both alike): median
-ms/step of ORT's training API on the bundle and of PyTorch eager with the same trainable
+In one process, alternating step by step (so drift in machine load hits all alike): median
+ms/step of ORT's training API on the bundle, of the portable step graph (plain onnxruntime API,
+IOBinding) and of PyTorch eager with the same trainable
 parameters, the same initial values, the same AdamW (betas, eps, no weight decay) and the same
 batch (B=8, T=64 real BBC tokens). Then GFLOP/s achieved vs this machine's float32 GEMM rate at
 the same thread count, and the peak RSS of a device-only training process (no torch imported)
@@ -72,10 +73,10 @@ def gemm_gflops(threads: int, n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def ort_trainer(bundle, threads):
+def ort_trainer(bundle, threads, backend="ort-training"):
     from device_runtime.trainer import TrainerConfig, make_trainer
 
-    return make_trainer(bundle, TrainerConfig(threads=threads, learning_rate=1e-4))
+    return make_trainer(bundle, TrainerConfig(threads=threads, learning_rate=1e-4), backend)
 
 
 def torch_trainer(bundle, adapter, threads):
@@ -108,8 +109,8 @@ def torch_trainer(bundle, adapter, threads):
 def child(kind: str, bundle_dir: Path, threads: int, steps: int) -> None:
     """Run `steps` training steps and report peak RSS; the ORT child never imports torch."""
     bundle, ids, mask, labels = real_batch(bundle_dir)
-    if kind == "ort":
-        tr = ort_trainer(bundle, threads)
+    if kind in ("ort", "portable"):
+        tr = ort_trainer(bundle, threads, "ort-training" if kind == "ort" else "portable")
         for _ in range(steps):
             tr.step(ids, mask, labels)
         assert "torch" not in sys.modules
@@ -157,7 +158,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=10, help="steps per RSS child process")
-    ap.add_argument("--child", choices=["ort", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ort", "portable", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.child:
@@ -169,16 +170,24 @@ def main() -> None:
     bundle_dir = ensure_bundle(args.bundle)
     bundle, ids, mask, labels = real_batch(bundle_dir)
     ort_tr = ort_trainer(bundle, args.threads)
+    has_portable = "train_step" in bundle.manifest.files
+    port_tr = ort_trainer(bundle, args.threads, "portable") if has_portable else None
     torch_step = torch_trainer(bundle, ort_tr.get_adapter(), args.threads)
     t_in = tuple(torch.from_numpy(x) for x in (ids, mask, labels))
     for _ in range(3):  # warm-up: ORT allocates its arena, torch its autograd buffers
         ort_tr.step(ids, mask, labels)
+        if port_tr:
+            port_tr.step(ids, mask, labels)
         torch_step(*t_in)
-    ort_ms, torch_ms = [], []
+    ort_ms, port_ms, torch_ms = [], [], []
     for _ in range(args.rounds):
         t = time.perf_counter()
         ort_tr.step(ids, mask, labels)
         ort_ms.append(1000 * (time.perf_counter() - t))
+        if port_tr:
+            t = time.perf_counter()
+            port_tr.step(ids, mask, labels)
+            port_ms.append(1000 * (time.perf_counter() - t))
         t = time.perf_counter()
         torch_step(*t_in)
         torch_ms.append(1000 * (time.perf_counter() - t))
@@ -189,7 +198,9 @@ def main() -> None:
     gemm = gemm_gflops(args.threads)
     ort_med, torch_med = statistics.median(ort_ms), statistics.median(torch_ms)
     rss_ort = peak_rss("ort", bundle_dir, args.threads, args.steps)
+    rss_port = peak_rss("portable", bundle_dir, args.threads, args.steps) if port_tr else None
     rss_torch = peak_rss("torch", bundle_dir, args.threads, args.steps)
+    port_med = statistics.median(port_ms) if port_ms else None
     result = {
         "batch": BATCH, "seq": SEQ, "threads": args.threads, "rounds": args.rounds,
         "ort_ms_per_step": ort_med, "torch_ms_per_step": torch_med, "time_ratio_ort_over_torch": ort_med / torch_med,
@@ -198,6 +209,11 @@ def main() -> None:
         "gemm_peak_gflops": gemm,
         "ort_fraction_of_gemm_peak": step_flops / ort_med / 1e6 / gemm,
         "peak_rss_mb_device_ort": rss_ort, "peak_rss_mb_torch": rss_torch, "rss_ratio_ort_over_torch": rss_ort / rss_torch,
+        "portable_ms_per_step": port_med,
+        "time_ratio_portable_over_torch": port_med / torch_med if port_med else None,
+        "portable_gflops": step_flops / port_med / 1e6 if port_med else None,
+        "peak_rss_mb_device_portable": rss_port,
+        "rss_ratio_portable_over_torch": rss_port / rss_torch if rss_port else None,
     }
     if args.json:
         print(json.dumps(result))
@@ -205,12 +221,18 @@ def main() -> None:
     print(f"MiniLM-L6 + LoRA r={bundle.manifest.adapter.rank}, B={BATCH} T={SEQ}, {args.threads} thread(s), "
           f"median of {args.rounds} alternating steps")
     print(f"  ORT training  {ort_med:8.1f} ms/step  {result['ort_gflops']:6.1f} GFLOP/s")
+    if port_med:
+        print(f"  portable      {port_med:8.1f} ms/step  {result['portable_gflops']:6.1f} GFLOP/s  (plain onnxruntime graph)")
     print(f"  torch eager   {torch_med:8.1f} ms/step  {result['torch_gflops']:6.1f} GFLOP/s")
     print(f"  time ratio ORT/torch = {result['time_ratio_ort_over_torch']:.2f}  (target <= 0.70)")
+    if port_med:
+        print(f"  time ratio portable/torch = {result['time_ratio_portable_over_torch']:.2f}  (target <= 0.70)")
     print(f"  step = {result['step_gflop']:.2f} GFLOP; float32 GEMM peak here = {gemm:.1f} GFLOP/s; "
           f"ORT reaches {100 * result['ort_fraction_of_gemm_peak']:.0f}% of it")
     print(f"  peak RSS: device (ORT, no torch) {rss_ort:.0f} MB vs torch {rss_torch:.0f} MB, "
           f"ratio {result['rss_ratio_ort_over_torch']:.2f}  (target <= 0.50)")
+    if rss_port:
+        print(f"  peak RSS: device (portable, no torch) {rss_port:.0f} MB, ratio {result['rss_ratio_portable_over_torch']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""End to end over a real Mosquitto: cloud + 2 edges + 4 devices, each its own process.
+"""End to end over a real Mosquitto: cloud + 2 edges + 4 devices, each its own process, two of
+the devices on the portable training backend and two on ORT's training API.
 
 A real pre-trained BERT (MiniLM-L6's first two layers, for speed) fine-tunes on BBC News split
 non-IID over the devices. Mid-run one edge is SIGKILLed and restarted from its checkpoint, and a
@@ -48,6 +49,8 @@ def test_hierarchical_federation_end_to_end(tmp_path, mosquitto, small_bbc_bundl
         procs[f"dev{i}"] = spawn_tomtit(
             ["device", "run", "--id", f"dev{i}", "--parent", edge, *common, "--data", str(split / f"device-0{i}.jsonl"),
              "--scheduler", "marginal:tau_min=5,tau_max=25", "--lr", "2e-3", "--energy", "model:rpi4",
+             # half the devices train on the portable step graph, half on ORT's training API
+             "--backend", "portable" if i % 2 == 0 else "ort-training",
              "--state-dir", str(tmp_path / f"s-dev{i}"), "--summary", str(tmp_path / f"dev{i}.json")],
             logs / f"dev{i}.log")
     try:
@@ -93,3 +96,4 @@ def test_hierarchical_federation_end_to_end(tmp_path, mosquitto, small_bbc_bundl
     for i in range(4):
         dev = _summary(tmp_path / f"dev{i}.json")
         assert dev["stop_reason"] == "parent finished" and dev["syncs"] >= 1
+        assert dev["backend"] == ("portable" if i % 2 == 0 else "ort-training")

@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if not transport.wait_connected(10):
         log.warning("broker %s not reachable yet (%s); training offline, updates wait in the outbox",
                     args.broker, transport.last_error or "no answer")
-    log.info("device %s: %d examples, meter %s%s, scheduler %s, parent %s", args.id, len(data), meter.name,
-             " (estimated)" if meter.estimated else "", scheduler.describe(), args.parent)
+    log.info("device %s: %d examples, %s backend, meter %s%s, scheduler %s, parent %s", args.id, len(data),
+             trainer.backend, meter.name, " (estimated)" if meter.estimated else "", scheduler.describe(), args.parent)
     agent = DeviceAgent(config, manifest=m, trainer=trainer, batches=BatchStream(data, args.batch, seed=args.seed),
                         num_samples=len(data), meter=meter, scheduler=scheduler, transport=transport,
                         state_dir=state_dir)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
              stats.stop_reason, stats.steps, stats.syncs, stats.acked, stats.rejected, len(agent.outbox))
     if args.summary:
         args.summary.write_text(json.dumps({
-            "id": args.id, "stop_reason": stats.stop_reason, "steps": stats.steps, "syncs": stats.syncs,
+            "id": args.id, "backend": trainer.backend, "stop_reason": stats.stop_reason, "steps": stats.steps, "syncs": stats.syncs,
             "acked": stats.acked, "rejected": stats.rejected, "outbox": len(agent.outbox),
             "intervals": stats.intervals[-500:], "joules": stats.joules, "energy_estimated": meter.estimated,
             "bytes_up": stats.bytes_up, "base_version": agent.base_version,
