@@ -127,8 +127,13 @@ def node_rate(url: str, items, bundle: Path, state: Path) -> tuple[float, dict]:
         senders = sorted({s for s, _, _ in items})
         for s in senders:
             acker.subscribe(topics.ack("edge", s))
+        # The node's retained model appears once it is up and subscribed.
+        acker.subscribe(topics.down("edge"))
         deadline = time.monotonic() + 60
-        while topics.down("edge") not in _retained_seen(acker, topics):  # the node is up and subscribed
+        while True:
+            msg = acker.get(0.5)
+            if msg is not None and msg.topic == topics.down("edge"):
+                break
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit("node did not start")
         pub = client(url, "bench-node-pub")
@@ -154,14 +159,6 @@ def node_rate(url: str, items, bundle: Path, state: Path) -> tuple[float, dict]:
     finally:
         proc.terminate()
         proc.wait(20)
-
-
-def _retained_seen(t, topics, _cache=set()):
-    t.subscribe(topics.down("edge"))
-    m = t.get(0.2)
-    if m is not None and m.topic == topics.down("edge"):
-        _cache.add(m.topic)
-    return _cache
 
 
 def main() -> None:

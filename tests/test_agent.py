@@ -2,14 +2,13 @@
 import numpy as np
 
 from device_runtime.agent import DeviceAgent, DeviceConfig
-from device_runtime.adapter import flatten
 from device_runtime.energy import ModelMeter
 from device_runtime.scheduler import make_scheduler
 from edge_broker.aggregation import make_strategy
 from edge_broker.node import Node, NodeConfig
 from fedkit import SIZE, SPECS, DummyBatches, QuadraticTrainer, synthetic_manifest
 from tomtit.transport import MemoryBroker
-from tomtit.wire import Presence, Topics, decode_message, encode_presence
+from tomtit.wire import Presence, Topics, encode_presence
 
 JOB = "t"
 T = Topics(JOB)

@@ -8,7 +8,6 @@ fast). Without a registry it skips on a developer's machine and fails in CI (CI=
 import json
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
