@@ -8,6 +8,7 @@ them; rate = N / (last receive - first publish). Node: a real `tomtit node run` 
 K=3, checkpoint + retained model publish per aggregation) receives the same N payloads from the
 same publisher; rate = N / (last ack - first publish), the ack being sent only after the update
 is applied in a checkpointed model. Printed: both rates and their ratio (target >= 0.8).
+Set TOMTIT_PROFILE=FILE to run the node under cProfile (main thread only; paho receives on its own).
 The payloads are MiniLM-L6 + LoRA r=8 on query,value + a 5-class head: 75,653 floats.
 """
 from __future__ import annotations
@@ -118,7 +119,8 @@ def raw_rate(url: str, items) -> float:
 def node_rate(url: str, items, bundle: Path, state: Path) -> tuple[float, dict]:
     topics = Topics(JOB)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "tomtit", "node", "run", "--id", "edge", "--bundle", str(bundle),
+    prof = ["-m", "cProfile", "-o", os.environ["TOMTIT_PROFILE"]] if os.environ.get("TOMTIT_PROFILE") else []
+    proc = subprocess.Popen([sys.executable, *prof, "-m", "tomtit", "node", "run", "--id", "edge", "--bundle", str(bundle),
                              "--broker", url, "--job", JOB, "--strategy", "fedbuff", "--k", "3", "--max-norm", "1e9",
                              "--state-dir", str(state), "--summary", str(state / "summary.json"), "--log-level", "WARNING"],
                             env=env)

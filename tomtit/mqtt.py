@@ -188,7 +188,9 @@ class MqttTransport(Transport):
         # that must not lose it keep their own copy (the outbox) until an end-to-end ack.
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
-            self._unacked = [i for i in self._unacked if not i.is_published()] + [info]
+            self._unacked.append(info)
+            if len(self._unacked) > 256:  # prune now and then, not on every publish (O(n^2) otherwise)
+                self._unacked = [i for i in self._unacked if not i.is_published()]
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the broker has acknowledged every QoS>0 publish (e.g. before closing)."""

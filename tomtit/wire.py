@@ -470,7 +470,32 @@ def _decode_tensors(raw: Mapping[str, _RawTensor], codec: str,
     else:
         values, scales = dict(raw), {}
     _check_tensor_set(values, scales, codec, expected)
-    return {name: _decode_values(t, scales.get(name)) for name, t in values.items()}
+    if not values:
+        return {}
+    # Fast path: every tensor has the codec's dtype (checked above), so decode them all in one
+    # numpy pass instead of ~5 small calls per tensor: a node absorbing many updates per second
+    # spends most of its time here. Any problem falls back to the per-tensor path, which names
+    # the offending tensor in its error.
+    names = list(values)
+    sizes = [math.prod(values[n].shape) for n in names]
+    q = np.frombuffer(b"".join(values[n].data for n in names), dtype=_NUMPY_DTYPE[values[names[0]].dtype])
+    if q.size != sum(sizes):
+        return {name: _decode_values(t, scales.get(name)) for name, t in values.items()}
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = q.astype(np.float32)
+        if codec == "int8":
+            scale = np.array([np.frombuffer(scales[n].data, dtype="<f4")[0] for n in names], np.float32)
+            if not (np.all(np.isfinite(scale)) and np.all(scale >= 0)):
+                return {name: _decode_values(t, scales.get(name)) for name, t in values.items()}
+            x *= np.repeat(scale, sizes)
+    if not np.isfinite(x).all():
+        return {name: _decode_values(t, scales.get(name)) for name, t in values.items()}  # raises, naming it
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    for name, size in zip(names, sizes):
+        out[name] = x[pos:pos + size].reshape(values[name].shape)
+        pos += size
+    return out
 
 
 def decode_message(data: bytes, *, expected: Sequence[TensorSpec] | None, bundle_id: str | None,
