@@ -39,9 +39,10 @@ from device_runtime.energy import EnergyMeter, EnergyMeterError
 from device_runtime.local_data import BatchStream
 from device_runtime.scheduler import StepObservation, SyncScheduler
 from device_runtime.trainer import Trainer
+from device_runtime.uplink import stage_update
 from tomtit.fsutil import atomic_write_json
 from tomtit.manifest import Manifest
-from tomtit.outbox import Outbox
+from tomtit.outbox import Outbox, send_due
 from tomtit.transport import Transport
 from tomtit.wire import (
     ModelMessage,
@@ -51,11 +52,9 @@ from tomtit.wire import (
     decode_ack,
     decode_message,
     decode_presence,
-    encode_message,
     encode_presence,
     encode_telemetry,
     new_update_id,
-    split_payload,
 )
 
 log = logging.getLogger("tomtit.device")
@@ -226,13 +225,8 @@ class DeviceAgent:
     def flush_outbox(self) -> None:
         if not self.transport.connected:
             return
-        now = self.clock()
-        for p in self.outbox.due(now):
-            payload = self.outbox.payload(p.update_id)
-            for chunk in split_payload(payload, update_id=p.update_id, limit=self.cfg.chunk_bytes):
-                self.transport.publish(p.topic, chunk, qos=1)
-            self.outbox.mark_sent(p.update_id, now)
-            self.stats.bytes_up += len(payload)
+        for p, size in send_due(self.outbox, self.transport, chunk_bytes=self.cfg.chunk_bytes, now=self.clock()):
+            self.stats.bytes_up += size
             if p.attempts:
                 log.info("re-sent update %s (attempt %d, no ack yet)", p.update_id[:8], p.attempts + 1)
 
@@ -248,16 +242,14 @@ class DeviceAgent:
             energy_j=max(0.0, self._cycle_joules), is_delta=True, created_at=self.clock(), codec=self.cfg.codec,
             update_id=uid, tensors=unflatten(delta, self.manifest.trainable),
         )
-        payload = encode_message(msg)
-        sent = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
-                              max_bytes=len(payload))
-        self.outbox.add(uid, self.topics.up(self.cfg.parent, self.cfg.device_id), payload, self.clock())
-        self.reference = self.reference + flatten(dict(sent.tensors), self.manifest.trainable)
+        size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.device_id),
+                                  self.clock())
+        self.reference = self.reference + sent
         self.stats.syncs += 1
         self.stats.intervals.append(steps_in_cycle)
         self.save_state()
         self.flush_outbox()
-        return len(payload)
+        return size
 
     def telemetry(self, decision, loss: float) -> None:
         if not self.transport.connected:

@@ -1,10 +1,10 @@
 """Opening a bundle on the device: manifest, file integrity, paths."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tomtit.fsutil import sha256_file
 from tomtit.manifest import BundleError, Manifest, load_manifest
 
 
@@ -22,14 +22,6 @@ class Bundle:
     @property
     def bundle_id(self) -> str:
         return self.manifest.bundle_id
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_bundle(root: str | Path, *, roles: tuple[str, ...] | None = None, verify: bool = True) -> Bundle:
@@ -53,6 +45,6 @@ def open_bundle(root: str | Path, *, roles: tuple[str, ...] | None = None, verif
                 raise BundleError(
                     f"{path} is corrupt: {path.stat().st_size} bytes, manifest says {entry['bytes']}"
                 )
-            if _sha256(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise BundleError(f"{path} is corrupt: sha256 does not match the manifest")
     return bundle

@@ -32,6 +32,7 @@ import numpy as np
 
 from device_runtime.adapter import flatten, unflatten
 from device_runtime.scheduler import StepObservation, SyncScheduler
+from device_runtime.uplink import stage_update
 from edge_broker.aggregation import (
     AggregationError,
     AsyncBuffer,
@@ -41,7 +42,7 @@ from edge_broker.aggregation import (
 )
 from edge_broker.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from tomtit.manifest import Manifest
-from tomtit.outbox import Outbox
+from tomtit.outbox import Outbox, send_due
 from tomtit.transport import Transport
 from tomtit.wire import (
     Ack,
@@ -61,7 +62,6 @@ from tomtit.wire import (
     encode_telemetry,
     is_chunk,
     new_update_id,
-    split_payload,
 )
 
 log = logging.getLogger("tomtit.node")
@@ -386,27 +386,20 @@ class Node:
             train_loss=float(np.mean([v["train_loss"] for v in recent])) if recent else 0.0,
             energy_j=0.0, is_delta=True, created_at=self.clock(), codec=self.cfg.up_codec, update_id=uid,
             tensors=unflatten(delta, self.manifest.trainable))
-        payload = encode_message(msg)
-        sent = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
-                              max_bytes=len(payload))
-        self.outbox.add(uid, self.topics.up(self.cfg.parent, self.cfg.node_id), payload, self.clock())
-        # Error feedback, as on devices: what the codec dropped stays in model - pushed.
-        self.pushed = self.pushed + flatten(dict(sent.tensors), self.manifest.trainable)
+        size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.node_id),
+                                  self.clock())
+        self.pushed = self.pushed + sent  # error feedback, as on devices
         self.checkpoint()
         self.stats.pushes_up += 1
         self.stats.push_times.append(round(self.clock() - self.started, 3))
         self.flush_outbox()
-        return len(payload)
+        return size
 
     def flush_outbox(self) -> None:
         if self.outbox is None or not self.transport.connected:
             return
-        now = self.clock()
-        for p in self.outbox.due(now):
-            payload = self.outbox.payload(p.update_id)
-            for chunk in split_payload(payload, update_id=p.update_id, limit=self.cfg.chunk_bytes):
-                self._publish(p.topic, chunk)
-            self.outbox.mark_sent(p.update_id, now)
+        for _, size in send_due(self.outbox, self.transport, chunk_bytes=self.cfg.chunk_bytes, now=self.clock()):
+            self.stats.bytes_out += size
 
     # -- lifecycle -------------------------------------------------------------------------
     def finish(self, reason: str) -> None:

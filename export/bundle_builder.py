@@ -27,6 +27,7 @@ import numpy as np
 from export.model_source import BUILTIN_MODELS, ModelSource, ModelSourceError, resolve_model
 from tomtit.data import load_dataset
 from tomtit.errors import TomtitError
+from tomtit.fsutil import publish_dir, sha256_file, staging_dir
 from tomtit.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -379,14 +380,6 @@ def _buffer_order(bundle_dir: Path, torch_params: dict[str, np.ndarray]) -> list
     return order
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def bundle_identity(m: dict) -> str:
     """What makes two bundles interchangeable on the wire: same base, adapter layout and labels.
 
@@ -445,7 +438,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
 
     import torch
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         model = _build_peft_model(cfg, source, labels)
         adapter_cfg = _adapter_config_of(model)
@@ -511,11 +504,11 @@ def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
         }
         manifest["bundle_id"] = bundle_identity(manifest)
         _write_initial_adapter(tmp / BUNDLE_FILES["initial_adapter"], params, trainable, manifest)
-        manifest["files"] = {role: {"name": name, "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        manifest["files"] = {role: {"name": name, "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                              for role, name in BUNDLE_FILES.items() if (tmp / name).is_file()}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         result = Manifest.from_dict(manifest)
-        _replace_dir(tmp, out)
+        publish_dir(tmp, out)
         log(f"bundle {result.bundle_id} -> {out}: {len(trainable)} trainable tensors, "
             f"{adapter_bytes / 1024:.0f} KiB adapter = {100 * adapter_bytes / base_bytes:.2f}% of base weights")
         return result
@@ -530,14 +523,3 @@ def _write_initial_adapter(path: Path, params: dict[str, np.ndarray], trainable:
     save_file({t.name: np.ascontiguousarray(params[t.name]) for t in trainable}, str(path),
               metadata={"bundle_id": manifest["bundle_id"], "base_model": manifest["base_model"],
                         "format": "tomtit-adapter-1", "version": "0"})
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a bundle is meant to be copied around
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

@@ -5,13 +5,13 @@ Everything here runs offline: `minilm-l6` resolves to the weights shipped inside
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tomtit.errors import TomtitError
+from tomtit.fsutil import sha256_file
 
 # Encoder families whose attention projections and sequence-classification heads PEFT knows.
 BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet", "deberta-v2")
@@ -33,14 +33,6 @@ class ModelSource:
     model_type: str
     weights_file: Path
     weights_sha256: str
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -79,5 +71,5 @@ def resolve_model(spec: str) -> ModelSource:
         model_id=model_id,
         model_type=model_type,
         weights_file=weights,
-        weights_sha256=_sha256_file(weights),
+        weights_sha256=sha256_file(weights),
     )

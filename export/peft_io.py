@@ -9,15 +9,14 @@ bundle id, base-weights hash and labels so an import can refuse an adapter made 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from export.model_source import ModelSource, ModelSourceError, resolve_model
 from tomtit.errors import TomtitError
+from tomtit.fsutil import publish_dir, staging_dir
 from tomtit.manifest import Manifest, load_manifest
 
 SIDECAR = "tomtit.json"
@@ -123,7 +122,7 @@ def export_peft(bundle_dir: Path, out: Path, *, adapter: Path | None = None, bas
     model.peft_config["default"].base_model_name_or_path = (
         manifest.base_model if manifest.extra.get("model_spec") == "minilm-l6" else str(source.path)
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         model.save_pretrained(str(tmp))
         (tmp / SIDECAR).write_text(json.dumps({
@@ -133,10 +132,7 @@ def export_peft(bundle_dir: Path, out: Path, *, adapter: Path | None = None, bas
             "labels": list(manifest.labels),
             "architecture": manifest.architecture,
         }, indent=2))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -220,11 +220,3 @@ class MqttTransport(Transport):
             self._filters[topic_filter] = qos
         if self._client is not None and self._connected.is_set():
             self._client.subscribe(topic_filter, qos)
-
-    def get(self, timeout: float | None = None) -> Inbound | None:
-        try:
-            if timeout == 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None

@@ -95,3 +95,17 @@ class Outbox:
         (self.folder / f"{update_id}.json").unlink(missing_ok=True)
         (self.folder / f"{update_id}.msg").unlink(missing_ok=True)
         return True
+
+
+def send_due(outbox: Outbox, transport, *, chunk_bytes: int, now: float) -> list[tuple[Pending, int]]:
+    """Publish every update that is due (chunked above `chunk_bytes`); returns (pending, bytes)."""
+    from tomtit.wire import split_payload
+
+    sent = []
+    for p in outbox.due(now):
+        payload = outbox.payload(p.update_id)
+        for chunk in split_payload(payload, update_id=p.update_id, limit=chunk_bytes):
+            transport.publish(p.topic, chunk, qos=1)
+        outbox.mark_sent(p.update_id, now)
+        sent.append((p, len(payload)))
+    return sent

@@ -40,9 +40,16 @@ class Transport(ABC):
     @abstractmethod
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None: ...
 
-    @abstractmethod
+    _queue: "queue.Queue[Inbound]"  # filled by the implementation's receive path
+
     def get(self, timeout: float | None = None) -> Inbound | None:
         """Next inbound message, or None after `timeout` seconds (0 = do not wait)."""
+        try:
+            if timeout == 0:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     @property
     @abstractmethod
@@ -133,14 +140,6 @@ class MemoryTransport(Transport):
             if topic_matches(f, topic):
                 self._queue.put(Inbound(topic, payload, retain=retain, qos=min(qos, sub_qos)))
                 return
-
-    def get(self, timeout: float | None = None) -> Inbound | None:
-        try:
-            if timeout == 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
 
     @property
     def connected(self) -> bool:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +25,7 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tomtit.cli import CliError
     from tomtit.data import dirichlet_split, load_dataset, write_jsonl
+    from tomtit.fsutil import publish_dir, staging_dir
 
     out: Path = args.out.expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -38,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data, min_classes=2)
     split = dirichlet_split(ds.labels, devices=args.devices, alpha=args.alpha, seed=args.seed,
                             test_fraction=args.test_fraction)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         width = max(2, len(str(args.devices - 1)))
         summary = {"data": ds.source, "alpha": args.alpha, "seed": args.seed, "labels": list(ds.label_names),
@@ -51,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
                     [ds.labels[i] for i in split.test_indices])
         summary["test"] = dict(sorted(Counter(ds.labels[i] for i in split.test_indices).items()))
         (tmp / "split.json").write_text(json.dumps(summary, indent=2))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
