@@ -222,14 +222,7 @@ class Node:
     def handle(self, topic: str, payload: bytes) -> None:
         t, c = self.topics, self.cfg
         self.stats.bytes_in += len(payload)
-        if topic.startswith(t.root + f"/node/{c.node_id}/up/"):
-            try:
-                _, child = t.parse_up(topic)
-            except WireError as e:
-                log.warning("ignored %s: %s", topic, e)
-                return
-            self._on_update_payload(child, payload)
-        elif c.parent and topic == t.down(c.parent):
+        if c.parent and topic == t.down(c.parent):
             self._on_parent_model(payload)
         elif c.parent and topic == t.ack(c.parent, c.node_id):
             try:
@@ -239,8 +232,16 @@ class Node:
                 return
             if self.outbox.ack(ack.update_id) and ack.status == "rejected":
                 log.error("parent %s rejected our push %s: %s", c.parent, ack.update_id[:8], ack.reason)
-        elif topic.startswith(t.root + "/status/"):
+        elif _parses(t.parse_status, topic):
             self._on_presence(topic, payload)
+        else:
+            try:
+                node, child = t.parse_up(topic)  # the only other subscription: up/+
+            except WireError as e:
+                log.warning("ignored %s: %s", topic, e)
+                return
+            if node == c.node_id:
+                self._on_update_payload(child, payload)
 
     def _on_presence(self, topic: str, payload: bytes) -> None:
         try:
@@ -484,6 +485,14 @@ class Node:
             "child_local_steps": intervals,
             "seconds": round(self.clock() - self.started, 3),
         }
+
+
+def _parses(parse, topic: str) -> bool:
+    try:
+        parse(topic)
+        return True
+    except WireError:
+        return False
 
 
 def _update_id_hint(payload: bytes) -> str:

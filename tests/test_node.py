@@ -186,6 +186,16 @@ def test_offline_child_is_not_waited_for(tmp_path):
     assert [a.status for a in acks(drain(c1))] == ["applied", "applied"]
 
 
+def test_odd_topics_under_our_filters_are_ignored(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    rogue = broker.client("rogue")
+    for topic in ("tomtit/t/node/cloud/up/bad id!", "tomtit/t/status/###", "tomtit/t/status/x/y"):
+        rogue.publish(topic, b"junk")
+    node.run_once(timeout=0)  # must not raise
+    assert node.version == 0 and node.stats.accepted == 0
+
+
 def test_chunked_update_is_reassembled(tmp_path):
     from tomtit.wire import split_payload
 
