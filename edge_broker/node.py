@@ -288,8 +288,8 @@ class Node:
         if norm > self.cfg.max_update_norm:
             self._reject(child, msg.update_id, "norm", f"L2 norm {norm:.3g} > bound {self.cfg.max_update_norm}")
             return
-        # A base_version ahead of ours can only come from a child that saw a model we published
-        # before a restart from an older checkpoint: count it as fresh rather than reject its work.
+        # A base_version ahead of ours means this node lost or replaced its state dir (models are
+        # checkpointed before they are published): count the update as fresh, do not waste it.
         update = ChildUpdate(update_id=msg.update_id, sender=child, delta=delta, num_samples=max(1, msg.num_samples),
                              local_steps=max(1, msg.local_steps), base_version=min(msg.base_version, self.version),
                              train_loss=msg.train_loss)
