@@ -31,7 +31,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-scheduler", default="marginal:tau_min=2,tau_max=6")
     p.add_argument("--strategy", default="fedbuff")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--target-accuracy", type=float, default=0.8)
+    p.add_argument("--target-accuracy", type=float, default=0.9)
     p.add_argument("--max-minutes", type=float, default=15)
     p.add_argument("--job", default="demo")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
