@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -54,6 +55,9 @@ class MosquittoConfig:
     allow_anonymous: bool = True  # loopback demo; a field deployment sets password_file + ACLs
     password_file: Path | None = None
     acl_file: Path | None = None
+    # Started as root, mosquitto switches to the `mosquitto` user and then cannot read the files
+    # we wrote into private temp folders (password file, persistence). We stay the invoking user.
+    user: str | None = "root" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
 
     def render(self) -> str:
         lines = [
@@ -73,6 +77,8 @@ class MosquittoConfig:
             lines += ["persistence true", f"persistence_location {self.persistence_dir}/", "autosave_interval 1"]
         else:
             lines += ["persistence false"]
+        if self.user is not None:
+            lines.append(f"user {self.user}")
         if self.password_file is not None:
             lines.append(f"password_file {self.password_file}")
         if self.acl_file is not None:

@@ -88,3 +88,37 @@ def test_unreachable_broker_does_not_crash_the_device(tiny_bundle, tiny_data, tm
     assert r.returncode == 0, r.stderr[-2000:]
     assert "not reachable" in r.stderr
     assert len(list((tmp_path / "s" / "outbox").glob("*.msg"))) == 3
+
+
+@pytest.mark.mosquitto
+def test_wrong_credentials_give_one_clear_error_and_no_crash(tmp_path, caplog):
+    import logging
+    import shutil as sh
+
+    from edge_broker.brokers import BrokerError, MosquittoProcess
+
+    if sh.which("mosquitto_passwd") is None:
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto_passwd missing (Debian's mosquitto package ships it)")
+        pytest.skip("mosquitto_passwd missing")
+    pw = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "dev1", "secret"], check=True)
+    cfg = MosquittoConfig(port=free_port(), allow_anonymous=False, password_file=pw)
+    try:
+        broker = MosquittoProcess(cfg, workdir=tmp_path).start()
+    except BrokerError as e:
+        pytest.fail(str(e))
+    try:
+        caplog.set_level(logging.ERROR, logger="tomtit.mqtt")
+        bad = MqttTransport(MqttOptions(url=broker.url, client_id="bad", username="dev1", password="wrong",
+                                        reconnect_max_s=1)).start()
+        assert not bad.wait_connected(4)  # several refused attempts, with backoff
+        assert "not authorised" in bad.last_error
+        refusals = [r for r in caplog.records if "refused the connection" in r.getMessage()]
+        assert len(refusals) == 1  # logged once, not once per retry
+        bad.close()
+        good = MqttTransport(MqttOptions(url=broker.url, client_id="good", username="dev1", password="secret")).start()
+        assert good.wait_connected(10)
+        good.close()
+    finally:
+        broker.stop()
