@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from tomtit.errors import TomtitError
 
@@ -741,22 +741,12 @@ def detect(
     return Detection(meter, tuple(tried))
 
 
-def detect_meter(
-    spec: str = "auto",
-    *,
-    powercap_root: str | os.PathLike[str] = DEFAULT_POWERCAP_ROOT,
-    hwmon_root: str | os.PathLike[str] = DEFAULT_HWMON_ROOT,
-    i2c_root: str | os.PathLike[str] = DEFAULT_I2C_ROOT,
-    power_supply_root: str | os.PathLike[str] = DEFAULT_POWER_SUPPLY_ROOT,
-    pmic_runner: Callable[[], str] | None = None,
-    device_model_path: str | os.PathLike[str] = DEFAULT_DEVICE_MODEL_PATH,
-) -> EnergyMeter:
+def detect_meter(spec: str = "auto", **sources: Any) -> EnergyMeter:
     """The energy meter for `spec`: auto | rapl | ina3221 | pi5-pmic | battery | model[:...].
 
     `auto` takes the first measured meter that works (rapl, ina3221, pi5-pmic, battery with an
     energy/charge counter) and otherwise the model estimate for this board (labelled estimated).
-    A forced meter that does not work raises EnergyMeterError with the reason.
+    A forced meter that does not work raises EnergyMeterError with the reason. `sources` are
+    `detect`'s keyword arguments (sysfs roots, PMIC runner), passed through unchanged.
     """
-    return detect(spec, powercap_root=powercap_root, hwmon_root=hwmon_root, i2c_root=i2c_root,
-                  power_supply_root=power_supply_root, pmic_runner=pmic_runner,
-                  device_model_path=device_model_path).meter
+    return detect(spec, **sources).meter
