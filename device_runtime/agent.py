@@ -28,13 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from device_runtime.adapter import AdapterError, load_adapter, save_adapter, unflatten, flatten
+from device_runtime.adapter import (
+    AdapterError,
+    flatten,
+    load_adapter,
+    save_adapter,
+    unflatten,
+)
 from device_runtime.energy import EnergyMeter, EnergyMeterError
 from device_runtime.local_data import BatchStream
 from device_runtime.scheduler import StepObservation, SyncScheduler
@@ -49,7 +55,7 @@ from tomtit.wire import (
     Presence,
     Topics,
     WireError,
-    decode_ack,
+    decode_acks,
     decode_message,
     decode_presence,
     encode_presence,
@@ -212,14 +218,14 @@ class DeviceAgent:
         log.info("adopted parent model v%d (from %s)", msg.version, msg.sender)
 
     def _on_ack(self, payload: bytes) -> None:
-        ack = decode_ack(payload)
-        if not self.outbox.ack(ack.update_id):
-            return  # an ack for something already acknowledged (a re-send's second ack)
-        if ack.status == "rejected":
-            self.stats.rejected += 1
-            log.error("parent rejected update %s: %s", ack.update_id[:8], ack.reason)
-        else:
-            self.stats.acked += 1
+        for ack in decode_acks(payload):
+            if not self.outbox.ack(ack.update_id):
+                continue  # an ack for something already acknowledged (a re-send's second ack)
+            if ack.status == "rejected":
+                self.stats.rejected += 1
+                log.error("parent rejected update %s: %s", ack.update_id[:8], ack.reason)
+            else:
+                self.stats.acked += 1
 
     # -- outbound --------------------------------------------------------------------------
     def flush_outbox(self) -> None:

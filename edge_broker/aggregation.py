@@ -253,6 +253,7 @@ class AsyncBuffer:
     def __init__(self, config: BufferConfig) -> None:
         self.config = config
         self._pending: list[_Pending] = []
+        self._ids: set[str] = set()  # the pending update_ids, for O(1) membership under load
 
     @property
     def pending(self) -> int:
@@ -263,6 +264,10 @@ class AsyncBuffer:
     def pending_ids(self) -> tuple[str, ...]:
         """update_ids currently buffered (a node ignores re-sends of these until it applies them)."""
         return tuple(p.update.update_id for p in self._pending)
+
+    def __contains__(self, update_id: object) -> bool:
+        """Whether an update with this id is buffered (constant time)."""
+        return update_id in self._ids
 
     def oldest_age(self, now: float) -> float:
         """Seconds the oldest buffered update has waited; 0.0 when the buffer is empty."""
@@ -292,9 +297,10 @@ class AsyncBuffer:
                 raise AggregationError(
                     f"update {update.update_id} has {update.delta.size} values; the buffered "
                     f"updates have {first.delta.size}")
-            if any(p.update.update_id == update.update_id for p in self._pending):
+            if update.update_id in self._ids:
                 raise AggregationError(f"update {update.update_id} is already buffered")
         self._pending.append(_Pending(update, staleness, float(now)))
+        self._ids.add(update.update_id)
 
     def ready(self, now: float) -> bool:
         """True once K updates are buffered, or the first has waited ``max_wait_s``."""
@@ -317,10 +323,11 @@ class AsyncBuffer:
         base = np.array([u.num_samples * staleness_weight(s, cfg.staleness_exponent)
                          for u, s in zip(updates, staleness)], dtype=np.float64)
         delta, weights = _combine(cfg.inner, updates, base, clip_norm=cfg.clip_norm,
-                                  trim_fraction=cfg.trim_fraction)
+                                  trim_fraction=cfg.trim_fraction, checked=True)
         samples = _samples(updates)
         result = AggregateResult(
-            delta=_to_float32(delta.astype(np.float64) * cfg.server_lr),
+            # delta is float32 already; server_lr 1.0 (the default) leaves it as is
+            delta=delta if cfg.server_lr == 1.0 else _to_float32(delta.astype(np.float64) * cfg.server_lr),
             update_ids=tuple(u.update_id for u in updates),
             senders=tuple(u.sender for u in updates),
             weights=tuple(float(w) for w in weights),
@@ -330,13 +337,15 @@ class AsyncBuffer:
             waited_s=self.oldest_age(now),
         )
         self._pending = []
+        self._ids = set()
         return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Combiners: one uniform signature, chosen by name through a table (no if/elif on strings).
-# Each takes float64 deltas (rows), local steps, positive relative weights and the trim fraction,
-# and returns the float64 aggregate plus the normalised weights it actually used.
+# Each takes float32 deltas (rows), local steps, positive relative weights and the trim fraction,
+# and returns the float64 aggregate plus the normalised weights it actually used. All arithmetic
+# is float64; the mean combiners widen each row inside the multiply (no float64 copy of every row).
 
 _Combiner = Callable[[list[np.ndarray], np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 
@@ -346,7 +355,7 @@ def _mean_combiner(deltas: list[np.ndarray], steps: np.ndarray, weights: np.ndar
     p = _normalise(weights)
     acc = np.zeros(deltas[0].size, dtype=np.float64)
     for w, d in zip(p, deltas):  # accumulate instead of stacking: one extra buffer, not K
-        acc += w * d
+        acc += d * np.float64(w)  # float32 row times a float64 scalar: computed in float64
     return acc, p
 
 
@@ -356,13 +365,13 @@ def _nova_combiner(deltas: list[np.ndarray], steps: np.ndarray, weights: np.ndar
     tau_eff = float(np.dot(p, steps))
     acc = np.zeros(deltas[0].size, dtype=np.float64)
     for w, tau, d in zip(p, steps, deltas):
-        acc += (w / tau) * d
+        acc += d * np.float64(w / tau)
     return tau_eff * acc, p
 
 
 def _median_combiner(deltas: list[np.ndarray], steps: np.ndarray, weights: np.ndarray,
                      trim_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    return np.median(np.stack(deltas), axis=0), np.full(len(deltas), 1.0 / len(deltas))
+    return np.median(np.stack(deltas).astype(np.float64), axis=0), np.full(len(deltas), 1.0 / len(deltas))
 
 
 def _trimmed_combiner(deltas: list[np.ndarray], steps: np.ndarray, weights: np.ndarray,
@@ -373,7 +382,7 @@ def _trimmed_combiner(deltas: list[np.ndarray], steps: np.ndarray, weights: np.n
     if n - 2 * k < 1:
         raise AggregationError(
             f"trim_fraction {trim_fraction} trims {k} of {n} updates from each end; nothing would remain")
-    ordered = np.sort(np.stack(deltas), axis=0)
+    ordered = np.sort(np.stack(deltas).astype(np.float64), axis=0)
     return ordered[k:n - k].mean(axis=0), np.full(n, 1.0 / n)
 
 
@@ -387,16 +396,20 @@ assert set(_COMBINERS) == set(get_args(Inner))
 
 
 def _combine(inner: str, updates: Sequence[ChildUpdate], weights: np.ndarray, *,
-             clip_norm: float | None, trim_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Validate, optionally clip each update, combine; returns (float32 delta, normalised weights)."""
+             clip_norm: float | None, trim_fraction: float = 0.0,
+             checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Validate, optionally clip each update, combine; returns (float32 delta, normalised weights).
+
+    ``checked``: the caller already verified every delta is finite (AsyncBuffer.add did).
+    """
     if len(updates) == 0:
         raise AggregationError("no updates to aggregate")
     deltas = []
     for u in updates:
-        d = _finite(f"update {u.update_id} delta", u.delta)
+        d = u.delta if checked else _finite(f"update {u.update_id} delta", u.delta)
         if clip_norm is not None:
             d = clip_by_norm(d, clip_norm)
-        deltas.append(d.astype(np.float64))
+        deltas.append(d)
     sizes = {d.size for d in deltas}
     if len(sizes) > 1:
         raise AggregationError(f"updates disagree in length: {sorted(sizes)}")

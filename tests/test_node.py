@@ -10,7 +10,7 @@ from edge_broker.aggregation import make_strategy
 from edge_broker.node import Node, NodeConfig
 from fedkit import SIZE, SPECS, synthetic_manifest, update_bytes
 from tomtit.transport import MemoryBroker
-from tomtit.wire import (ModelMessage, Presence, Topics, decode_ack, decode_error, decode_message,
+from tomtit.wire import (ModelMessage, Presence, Topics, decode_acks, decode_error, decode_message,
                          encode_message, encode_presence)
 
 JOB = "t"
@@ -53,7 +53,7 @@ def drain(transport):
 
 
 def acks(msgs):
-    return [decode_ack(m.payload) for m in msgs if "/ack/" in m.topic]
+    return [a for m in msgs if "/ack/" in m.topic for a in decode_acks(m.payload)]
 
 
 def errors(msgs):
@@ -248,7 +248,74 @@ def test_edge_pushes_upward_and_merges_the_parent_model(tmp_path):
     np.testing.assert_allclose(edge.model, parent_model + 0.05, atol=1e-3)
     assert edge.parent_version == 1
     # The parent's ack clears the edge's outbox.
-    from tomtit.wire import Ack, encode_ack
-    cloud.publish(T.ack("cloud", "edge1"), encode_ack(Ack(update_id=pushed.update_id, status="applied")))
+    from tomtit.wire import Ack, encode_acks
+    cloud.publish(T.ack("cloud", "edge1"), encode_acks([Ack(update_id="e" * 32, status="applied"),
+                                                        Ack(update_id=pushed.update_id, status="applied")]))
     edge.run_once(timeout=0)
     assert len(edge.outbox) == 0
+
+
+def _burst(m, plan):
+    """(sender, delta, uid, payload) per update, in publish order."""
+    out = []
+    for i, sender in enumerate(plan):
+        d = np.full(SIZE, 0.01 * (i + 1), np.float32)
+        uid, p = update_bytes(d, sender=sender, manifest=m, job=JOB)
+        out.append((sender, d, uid, p))
+    return out
+
+
+def test_a_burst_is_aggregated_k_at_a_time_and_committed_once(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=2)  # K = 2
+    c1, c2 = child(broker, name="c1"), child(broker, name="c2")
+    watcher = broker.client("watcher")
+    watcher.subscribe(T.down("cloud"))
+    drain(watcher)
+    commits = []
+    real_checkpoint = node.checkpoint
+    node.checkpoint = lambda: (commits.append(node.version), real_checkpoint())
+    updates = _burst(m, ["c1", "c2", "c1", "c1", "c2", "c1", "c2"])
+    for sender, _, _, p in updates:
+        (c1 if sender == "c1" else c2).publish(T.up("cloud", sender), p)
+    node.run_once(timeout=0)  # all seven are queued: one batch
+    # exactly K per aggregation, in arrival order: pairs (1,2), (3,4), (5,6); the 7th waits
+    expected = sum((updates[i][1] + updates[i + 1][1]) / 2 for i in (0, 2, 4))
+    np.testing.assert_allclose(node.model, expected, rtol=1e-6)
+    assert node.version == 3 and node.buffer.pending == 1
+    assert [v["updates"] for v in node.stats.versions] == [2, 2, 2]
+    assert commits == [3]  # one checkpoint for the batch, after all three aggregations
+    models = drain(watcher)
+    assert len(models) == 1  # and one model publish
+    assert decode_message(models[0].payload, expected=SPECS, bundle_id=m.bundle_id, max_bytes=1 << 20).version == 3
+    # one ack message per child, listing exactly its applied updates
+    for c, name in ((c1, "c1"), (c2, "c2")):
+        msgs = [x for x in drain(c) if "/ack/" in x.topic]
+        assert len(msgs) == 1
+        want = [u for s, _, u, _ in updates[:6] if s == name]
+        assert [(a.update_id, a.status) for a in decode_acks(msgs[0].payload)] == [(u, "applied") for u in want]
+
+
+def test_no_ack_outlives_a_crash_between_aggregation_and_commit(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=2)
+    c1 = child(broker)
+    updates = _burst(m, ["c1", "c1"])
+    for _, _, _, p in updates:
+        c1.publish(T.up("cloud", "c1"), p)
+    drain(c1)
+    # the node handles both and aggregates, then dies before its commit
+    while (msg := node.transport.get(0)) is not None:
+        node.handle(msg.topic, msg.payload)
+        node._apply_ready(node.clock())
+    assert node.version == 1
+    node.transport.crash()
+    assert acks(drain(c1)) == []  # nothing was acknowledged
+    # restarted from its last checkpoint: the aggregation never happened, the children re-send
+    node2, _ = make_node(tmp_path, broker, strategy="fedbuff", children=2)
+    assert node2.version == 0
+    for _, _, _, p in updates:
+        c1.publish(T.up("cloud", "c1"), p)
+    node2.run_once(timeout=0)
+    np.testing.assert_allclose(node2.model, (updates[0][1] + updates[1][1]) / 2, rtol=1e-6)
+    assert sorted(a.update_id for a in acks(drain(c1))) == sorted(u for _, _, u, _ in updates)

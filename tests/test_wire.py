@@ -25,12 +25,16 @@ from tomtit.wire import (
     Reassembler,
     Topics,
     WireError,
+    MAX_ACKS_PER_MESSAGE,
+    FlatDecoder,
     decode_ack,
+    decode_acks,
     decode_error,
     decode_message,
     decode_presence,
     decode_telemetry,
     encode_ack,
+    encode_acks,
     encode_error,
     encode_message,
     encode_presence,
@@ -660,6 +664,9 @@ def test_split_sizes(size, limit):
 
 # -------------------------------------------------------------------------------- JSON
 
+ACK_OK = {"update_id": UID, "status": "applied", "reason": "", "node_version": 1}
+
+
 
 def test_ack_bytes_are_exact():
     ack = Ack(update_id=UID, status="rejected", reason="wrong_bundle", node_version=4)
@@ -667,6 +674,30 @@ def test_ack_bytes_are_exact():
     assert data == (b'{"node_version":4,"reason":"wrong_bundle","status":"rejected","update_id":"'
                     + UID.encode() + b'"}')
     assert decode_ack(data) == ack
+
+
+def test_ack_batches():
+    acks = [Ack(update_id=f"{i:032x}", status=s, reason="stale" if s == "rejected" else "", node_version=i)
+            for i, s in enumerate(["applied", "rejected", "duplicate"])]
+    data = encode_acks(acks)
+    assert json.loads(data) == {"acks": [{"node_version": a.node_version, "reason": a.reason, "status": a.status,
+                                          "update_id": a.update_id} for a in acks]}
+    assert decode_acks(data) == acks
+    # a single ack (what encode_ack writes) is a batch of one
+    assert decode_acks(encode_ack(acks[1])) == [acks[1]]
+    # the largest batch at its largest fits the batch size limit
+    worst = [Ack(update_id=UID, status="duplicate", reason="r" * 32, node_version=2**63 - 1)] * MAX_ACKS_PER_MESSAGE
+    assert decode_acks(encode_acks(worst)) == worst
+    assert reason_of(encode_acks, []) == "bad_schema"
+    assert reason_of(encode_acks, worst + worst[:1]) == "bad_schema"
+
+
+@pytest.mark.parametrize("obj", [
+    {"acks": []}, {"acks": {"update_id": UID}}, {"acks": [ACK_OK, 3]}, {"acks": [ACK_OK] * 257},
+    {"acks": [dict(ACK_OK, status="lost")]}, {"acks": [{"update_id": UID}]}, {"acks": None},
+], ids=["empty", "not_a_list", "not_objects", "too_many", "bad_status", "incomplete", "null"])
+def test_bad_ack_batches_rejected(obj):
+    assert reason_of(decode_acks, json.dumps(obj).encode()) == "bad_schema"
 
 
 def test_presence_and_error_round_trip():
@@ -688,9 +719,6 @@ def test_telemetry_round_trip():
     assert reason_of(encode_telemetry, {"x": float("nan")}) == "bad_schema"
     assert reason_of(encode_telemetry, {"x": [1, 2]}) == "bad_schema"
     assert reason_of(encode_telemetry, {"x": "y" * 20_000}) == "too_large"
-
-
-ACK_OK = {"update_id": UID, "status": "applied", "reason": "", "node_version": 1}
 
 
 def _j(obj) -> bytes:
@@ -746,13 +774,130 @@ def test_bad_error_reports_and_telemetry_rejected():
     assert reason_of(decode_telemetry, b"[]") == "not_json"
 
 
+# ------------------------------------------------------------------- FlatDecoder (node hot path)
+# The contract: exactly what decode_message + flatten accept, with the same values and, on
+# rejection, the same reason. Every case below is run through both and compared.
+
+_FLAT = FlatDecoder(GOOD_SPECS, bundle_id=BUNDLE, max_bytes=MAX)
+
+
+def _flat_agrees(data: bytes, decoder: FlatDecoder = _FLAT, **expect) -> np.ndarray | None:
+    """Decode with both; assert they agree; the flat values (None when both rejected)."""
+    try:
+        slow = decode_message(data, expected=decoder.expected, bundle_id=decoder.bundle_id,
+                              max_bytes=decoder.max_bytes, **expect)
+    except WireError as e:
+        assert reason_of(decoder.decode, data, **expect) == e.reason
+        return None
+    head, flat = decoder.decode(data, **expect)
+    want = np.concatenate([np.asarray(slow.tensors[s.name], np.float32).ravel() for s in decoder.expected])
+    assert flat.dtype == np.float32 and flat.shape == want.shape
+    assert np.array_equal(flat.view(np.uint32), want.view(np.uint32))  # bit for bit, signs of zero too
+    for f in ("kind", "sender", "job", "bundle_id", "base_version", "version", "num_samples", "local_steps",
+              "train_loss", "energy_j", "is_delta", "created_at", "codec", "update_id"):
+        assert getattr(head, f) == getattr(slow, f), f
+    return flat
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_flat_decoder_rejects_like_decode_message(case):
+    data, reason = MALFORMED[case]
+    assert _flat_agrees(data) is None
+    assert reason_of(_FLAT.decode, data) == reason
+
+
+@pytest.mark.parametrize("codec", ["f32", "f16", "int8"])
+def test_flat_decoder_values_in_bundle_order(codec):
+    data = encode_message(msg(GOOD, codec=codec))
+    flat = _flat_agrees(data)
+    # bundle order is the spec order (lora_A, lora_B, bias), not the wire's (sorted by name)
+    parts = [decode(data).tensors[s.name].ravel() for s in GOOD_SPECS]
+    assert np.array_equal(flat, np.concatenate(parts))
+    assert _flat_agrees(data, expect_kind="model") is None  # wrong_kind, as decode_message says
+    assert _flat_agrees(data, expect_sender="dev-2") is None
+    assert _flat_agrees(data, expect_job="other") is None
+
+
+def test_flat_decoder_any_valid_layout_and_its_cache():
+    """A valid payload may order its tensors' bytes any way; the decoder keeps the last layout it
+    checked, so alternate between layouts to catch a stale cache."""
+    f16 = {k: v.astype(np.float16) for k, v in GOOD.items()}
+    names = ["bias", "lora_B", "lora_A"]  # a byte order no encoder of ours writes
+    body = b"".join(f16[n].tobytes() for n in names)
+    entries = [(n, "F16", list(f16[n].shape), f16[n].nbytes) for n in names]
+    reordered = _handmade(json.dumps({"__metadata__": good_meta(codec="f16"), **_layout(entries)}), body)
+    standard = encode_message(msg(GOOD, codec="f16"))
+    want = np.concatenate([f16[s.name].astype(np.float32).ravel() for s in GOOD_SPECS])
+    for data in (standard, reordered, standard, reordered):
+        assert np.array_equal(_flat_agrees(data), want)
+    # same table, different data-area length (a truncated body): the cache must not accept it
+    assert _flat_agrees(standard[:-2]) is None
+
+
+def test_flat_decoder_is_exact_for_every_float16():
+    """All 63,488 finite float16 values (and both zeros) decode to numpy's own float32 of them."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)]
+    spec = [TensorSpec("all", (finite.size,))]
+    dec = FlatDecoder(spec, bundle_id=BUNDLE, max_bytes=MAX)
+    data = _raw(good_meta(codec="f16"), {"all": finite})
+    head, flat = dec.decode(data)
+    assert np.array_equal(flat.view(np.uint32), finite.astype(np.float32).view(np.uint32))
+    for bad in (np.inf, -np.inf, np.nan):
+        one = finite.copy()
+        one[12345] = bad
+        assert reason_of(dec.decode, _raw(good_meta(codec="f16"), {"all": one})) == "not_finite"
+
+
+@pytest.mark.parametrize("edit", ["float_shape", "float_offset", "bool_offset", "extra_key", "leading_space",
+                                  "escaped_name", "offsets_swapped", "gap", "overlap"])
+def test_flat_decoder_irregular_headers_follow_the_reference(edit):
+    """Header forms the fast path does not take itself: it must hand them to the reference."""
+    h = header(VALID)
+    body = VALID[8 + int.from_bytes(VALID[:8], "little"):]
+    text = None
+    if edit == "float_shape":
+        h["lora_A"]["shape"] = [4.0, 6]
+    elif edit == "float_offset":
+        h["bias"]["data_offsets"] = [0.0, 4]
+    elif edit == "bool_offset":
+        h["bias"]["data_offsets"] = [False, 4]
+    elif edit == "extra_key":
+        h["bias"]["note"] = "x"
+    elif edit == "offsets_swapped":
+        h["lora_A"]["data_offsets"], h["lora_B"]["data_offsets"] = h["lora_B"]["data_offsets"], h["lora_A"]["data_offsets"]
+    elif edit == "gap":
+        h["bias"]["data_offsets"] = [h["bias"]["data_offsets"][0] + 4, h["bias"]["data_offsets"][1] + 4]
+        body += bytes(4)
+    elif edit == "overlap":
+        h["lora_B"]["data_offsets"] = list(h["lora_A"]["data_offsets"])
+    elif edit == "leading_space":
+        text = " " + json.dumps(h)
+    elif edit == "escaped_name":
+        text = json.dumps(h).replace('"bias"', '"\\u0062ias"')
+    _flat_agrees(_handmade(text if text is not None else json.dumps(h), body))
+
+
+@FUZZ
+@given(st.integers(0, 2**64 - 1))
+def test_fuzz_flat_decoder_agrees(seed):
+    rng = random.Random(seed)
+    base = rng.choice([VALID, _VALID_F16, _VALID_INT8])
+    _flat_agrees(_mutate(rng, base))
+    meta = dict(header(base)["__metadata__"])
+    key = rng.choice(list(meta) + ["extra"])
+    meta[key] = rng.choice(_INTERESTING)
+    _flat_agrees(stn.save(stn.load(base), metadata=meta))
+
+
 # -------------------------------------------------------------------------------- fuzz
 
 _DECODERS = (
     lambda b: decode(b),
     lambda b: decode_message(b, expected=None, bundle_id=None, max_bytes=MAX),
     lambda b: Reassembler(30, MAX).add(b, 0.0),
-    decode_ack, decode_presence, decode_error, decode_telemetry,
+    decode_ack, decode_acks, decode_presence, decode_error, decode_telemetry,
+    lambda b: _FLAT.decode(b),
 )
 
 
@@ -780,6 +925,7 @@ _CHUNK_PAYLOAD = _payload(6000)
 _CHUNKS = split_payload(_CHUNK_PAYLOAD, update_id=UID, limit=2048)
 _VALID_JSON = (
     (decode_ack, encode_ack(Ack(UID, "rejected", "not_finite", 3))),
+    (decode_acks, encode_acks([Ack(UID, "rejected", "not_finite", 3), Ack("f" * 32, "applied", "", 4)])),
     (decode_presence, encode_presence(Presence("dev-1", "online", "device", 2, 1.5))),
     (decode_error, encode_error(ErrorReport(UID, "dev-1", "wrong_bundle", "made for another"))),
     (decode_telemetry, encode_telemetry({"loss": 0.5, "state": "idle", "n": 3, "ok": True})),

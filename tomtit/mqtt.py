@@ -63,6 +63,9 @@ class MqttOptions:
     persistent: bool = True  # broker queues QoS 1 messages for us while we are offline
     reconnect_min_s: int = 1  # backoff after a failed connect, doubling up to reconnect_max_s
     reconnect_max_s: int = 30
+    # QoS 1 publishes on the wire at once; the rest wait in paho's queue, which it rescans on every
+    # PUBACK (O(queue) each): a client publishing thousands at once should raise it.
+    max_inflight: int = 20
 
 
 _CONNACK_HINTS = {
@@ -104,7 +107,7 @@ class MqttTransport(Transport):
         )
         client.enable_logger(logging.getLogger("tomtit.mqtt.paho"))
         client.max_queued_messages_set(0)  # unbounded in memory; the outbox bounds what matters
-        client.max_inflight_messages_set(20)
+        client.max_inflight_messages_set(o.max_inflight)
         client.reconnect_delay_set(o.reconnect_min_s, o.reconnect_max_s)
         if o.username is not None:
             client.username_pw_set(o.username, o.password)

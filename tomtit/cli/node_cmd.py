@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from tomtit.transport import Will
     from tomtit.wire import Presence, Topics, check_id, encode_presence
 
+    from tomtit.alloc import retain_freed_memory
+
     setup_logging(args, args.id)
     log = logging.getLogger("tomtit.node")
+    retain_freed_memory()  # the hot path allocates adapter-sized arrays per update (see tomtit/alloc.py)
     check_id(args.id, "--id")
     if args.parent:
         check_id(args.parent, "--parent")
