@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,17 +28,32 @@ class NodeCheckpoint:
     pushed: np.ndarray  # what the parent holds of us (== model for the cloud)
     version: int  # this node's model version
     parent_version: int  # last parent model merged (edges)
-    seen: tuple[str, ...]  # update_ids applied, for exactly-once across restarts
+    # update_id -> the base_version its sender reported, for every applied update a re-send of
+    # which would not be refused as stale anyway (see Node.prune_seen): exactly-once across restarts
+    seen: Mapping[str, int]
 
 
 def save_checkpoint(state_dir: Path, manifest: Manifest, ck: NodeCheckpoint) -> None:
     from safetensors.numpy import save
 
     meta = {"bundle_id": manifest.bundle_id, "version": str(ck.version),
-            "parent_version": str(ck.parent_version), "seen": json.dumps(list(ck.seen))}
+            "parent_version": str(ck.parent_version), "seen": json.dumps(dict(ck.seen), separators=(",", ":"))}
     data = save({"model": np.ascontiguousarray(ck.model, np.float32),
                  "pushed": np.ascontiguousarray(ck.pushed, np.float32)}, metadata=meta)
     atomic_write_bytes(Path(state_dir) / CHECKPOINT_FILE, data)
+
+
+# A checkpoint written before seen ids carried their base_version (a plain list): keep those
+# ids for good, since when a re-send of one would count as stale cannot be known.
+_KEEP_FOREVER = 2**62
+
+
+def _seen(value: object) -> dict[str, int]:
+    if isinstance(value, list) and all(isinstance(u, str) for u in value):
+        return dict.fromkeys(value, _KEEP_FOREVER)
+    if isinstance(value, dict) and all(isinstance(u, str) and type(b) is int for u, b in value.items()):
+        return value
+    raise ValueError("its seen update ids are malformed")
 
 
 def load_checkpoint(state_dir: Path, manifest: Manifest) -> NodeCheckpoint | None:
@@ -59,7 +75,7 @@ def load_checkpoint(state_dir: Path, manifest: Manifest) -> NodeCheckpoint | Non
             raise ValueError(f"checkpoint tensors have shape {model.shape}, bundle needs ({manifest.buffer_size},)")
         return NodeCheckpoint(model=model.astype(np.float32), pushed=pushed.astype(np.float32),
                               version=int(meta["version"]), parent_version=int(meta["parent_version"]),
-                              seen=tuple(json.loads(meta["seen"])))
+                              seen=_seen(json.loads(meta["seen"])))
     except (SafetensorError, ValueError, KeyError, OSError) as e:
         # Refuse to silently start over: that would re-apply updates already acknowledged.
         from tomtit.errors import TomtitError

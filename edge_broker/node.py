@@ -74,6 +74,7 @@ from tomtit.wire import (
 )
 
 log = logging.getLogger("tomtit.node")
+_KEEP = 2**62  # base_version recorded when none is known: never pruned
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class Node:
         self.pushed = self.model.copy()  # edge: what the parent holds of us
         self.version = 0
         self.parent_version = 0
-        self.seen: set[str] = set()
+        self.seen: dict[str, int] = {}  # applied update_id -> its reported base_version (prune_seen)
+        self._pending_base: dict[str, int] = {}  # buffered update_id -> its reported base_version
         self.children_seen: set[str] = set()  # ids that have sent us an update
         self.offline: set[str] = set()  # ids whose retained presence says offline
         self._up_prefix = self.topics.up_filter(config.node_id)[:-1]  # "tomtit/{job}/node/{id}/up/"
@@ -179,13 +181,13 @@ class Node:
         if ck is None:
             return
         self.model, self.pushed, self.version = ck.model, ck.pushed, ck.version
-        self.parent_version, self.seen = ck.parent_version, set(ck.seen)
+        self.parent_version, self.seen = ck.parent_version, dict(ck.seen)
         log.info("resumed from checkpoint: version %d, %d update ids seen", self.version, len(self.seen))
 
     def checkpoint(self) -> None:
         save_checkpoint(self.state_dir, self.manifest, NodeCheckpoint(
             model=self.model, pushed=self.pushed, version=self.version,
-            parent_version=self.parent_version, seen=tuple(sorted(self.seen))))
+            parent_version=self.parent_version, seen=self.seen))
 
     # -- publishing ------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
@@ -328,6 +330,7 @@ class Node:
         self.stats.accepted += 1
         self.stats.child_arrivals[child].append((round(self.clock() - self.started, 3), msg.local_steps))
         self._pending_meta[msg.update_id] = (msg.train_loss, msg.energy_j, msg.num_samples)
+        self._pending_base[msg.update_id] = msg.base_version
         self._child_samples[child] = msg.num_samples
 
     def _on_parent_model(self, payload: bytes) -> None:
@@ -371,7 +374,8 @@ class Node:
         result = self.buffer.flush(now)
         self.model = self.model + result.delta  # both float32: the sum is float32, a new array
         self.version += 1
-        self.seen.update(result.update_ids)
+        for uid in result.update_ids:
+            self.seen[uid] = self._pending_base.pop(uid, _KEEP)
         self.stats.aggregations += 1
         for uid, child in zip(result.update_ids, result.senders):
             self._ack(child, uid, "applied")
@@ -382,6 +386,21 @@ class Node:
         log.info("v%d: aggregated %d update(s) from %s (staleness %s), train loss %.4f", self.version,
                  len(result.update_ids), ",".join(result.senders), list(result.staleness), result.mean_train_loss)
 
+    def prune_seen(self) -> None:
+        """Forget applied update ids that the staleness bound already guards.
+
+        A re-send of update u, reporting base_version b, is judged with base min(b, version), so it
+        is refused as stale whenever b < version - max_staleness, and version only grows. Its id
+        is then no longer needed for exactly-once, and dropping it keeps the seen set (and every
+        checkpoint) at about K x max_staleness ids instead of growing with every update ever
+        applied. Such a late re-send is acked "rejected: stale" rather than "duplicate"; either
+        way the sender drops it, and it is never applied twice. The *reported* b is kept, not
+        the clamped one: a node that lost its state must not re-apply an update whose b is ahead.
+        """
+        horizon = self.version - self.buffer.config.max_staleness
+        if any(b < horizon for b in self.seen.values()):
+            self.seen = {u: b for u, b in self.seen.items() if b >= horizon}
+
     def commit(self) -> None:
         """Checkpoint and publish what was applied since the last commit, then send queued acks.
 
@@ -389,6 +408,7 @@ class Node:
         """
         applied, self._uncommitted = self._uncommitted, []
         if applied:
+            self.prune_seen()
             self.checkpoint()
             self.publish_model()
         self._send_acks()

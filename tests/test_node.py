@@ -319,3 +319,74 @@ def test_no_ack_outlives_a_crash_between_aggregation_and_commit(tmp_path):
     node2.run_once(timeout=0)
     np.testing.assert_allclose(node2.model, (updates[0][1] + updates[1][1]) / 2, rtol=1e-6)
     assert sorted(a.update_id for a in acks(drain(c1))) == sorted(u for _, _, u, _ in updates)
+
+
+def test_seen_ids_stay_bounded_and_a_late_resend_is_refused_as_stale(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)  # K = 1
+    stale_bound = node.buffer.config.max_staleness
+    c1 = child(broker)
+    first_uid, first = update_bytes(np.full(SIZE, 0.5, np.float32), sender="c1", manifest=m, job=JOB)
+    c1.publish(T.up("cloud", "c1"), first)
+    node.run_once(timeout=0)
+    for v in range(1, 40):  # 39 more updates, each trained on the model before it
+        c1.publish(T.up("cloud", "c1"), update_bytes(np.zeros(SIZE, np.float32), sender="c1", manifest=m,
+                                                      job=JOB, base_version=v)[1])
+        node.run_once(timeout=0)
+        # only ids whose re-send would not already count as stale are kept
+        assert all(b >= node.version - stale_bound for b in node.seen.values())
+        assert len(node.seen) <= stale_bound + 1
+    assert node.version == 40 and first_uid not in node.seen
+    drain(c1)
+    model = node.model.copy()
+    c1.publish(T.up("cloud", "c1"), first)  # its ack was lost long ago; its outbox re-sends it
+    node.run_once(timeout=0)
+    np.testing.assert_array_equal(node.model, model)  # never applied twice
+    assert [(a.update_id, a.status, a.reason) for a in acks(drain(c1))] == [(first_uid, "rejected", "stale")]
+    # the checkpoint holds the same bounded set, and a restart keeps it
+    node.transport.crash()
+    node2, _ = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    assert node2.seen == node.seen
+
+
+def test_a_reported_base_ahead_of_the_node_is_remembered_as_reported(tmp_path):
+    """A node that lost its state clamps a base_version ahead of its own to its version; a later
+    re-send must still be caught as a duplicate, not re-applied as fresh."""
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    c1 = child(broker)
+    uid, p = update_bytes(np.full(SIZE, 0.5, np.float32), sender="c1", manifest=m, job=JOB, base_version=57)
+    c1.publish(T.up("cloud", "c1"), p)
+    node.run_once(timeout=0)
+    for v in range(1, 30):
+        c1.publish(T.up("cloud", "c1"), update_bytes(np.zeros(SIZE, np.float32), sender="c1", manifest=m,
+                                                      job=JOB, base_version=v)[1])
+        node.run_once(timeout=0)
+    assert node.seen[uid] == 57
+    drain(c1)
+    c1.publish(T.up("cloud", "c1"), p)
+    node.run_once(timeout=0)
+    assert [(a.update_id, a.status) for a in acks(drain(c1))] == [(uid, "duplicate")]
+
+
+def test_checkpoint_from_before_base_versions_keeps_its_ids(tmp_path):
+    """Checkpoints written with seen ids as a plain list still load; those ids are never pruned."""
+    from safetensors.numpy import load_file, save_file
+
+    from edge_broker.checkpoint import CHECKPOINT_FILE
+
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    node.checkpoint()
+    path = tmp_path / "cloud" / CHECKPOINT_FILE
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        meta = dict(f.metadata())
+    meta["seen"] = json.dumps(["a" * 32, "b" * 32])
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    node.transport.crash()
+    node2, _ = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    assert set(node2.seen) == {"a" * 32, "b" * 32}
+    node2.version = 10**6
+    node2.prune_seen()
+    assert set(node2.seen) == {"a" * 32, "b" * 32}
