@@ -565,7 +565,7 @@ class FlatDecoder:
             pos += n
         self._plan = plan
         self._float32 = all(s.dtype == "float32" for s in self.expected)
-        self._layouts: dict[str, tuple] = {}  # codec -> (data area bytes, tensor table, ranges)
+        self._tables: dict[bytes, tuple] = {}  # tensor-table bytes -> (codec, data area bytes, ranges)
 
     def decode(self, data: bytes, *, expect_kind: str | None = None, expect_sender: str | None = None,
                expect_job: str | None = None) -> tuple[ModelMessage, np.ndarray]:
@@ -573,15 +573,10 @@ class FlatDecoder:
         data = _as_bytes(data)
         _check_size(data, self.max_bytes)
         checks = {"expect_kind": expect_kind, "expect_sender": expect_sender, "expect_job": expect_job}
-        header = self._canonical_header(data)
-        meta = header.pop("__metadata__", None) if header is not None else None
-        codec = meta.get("codec") if isinstance(meta, dict) else None
-        if codec not in ("f32", "f16") or not self._float32 or not all(isinstance(v, str) for v in meta.values()):
+        parsed = self._header(data) if self._float32 else None
+        if parsed is None:
             return self._slow(data, checks)
-        start = 8 + int.from_bytes(data[:8], "little")
-        ranges = self._ranges(header, codec, len(data) - start)
-        if ranges is None:
-            return self._slow(data, checks)
+        meta, codec, start, ranges = parsed
         flat = self._fill(data, start, ranges, codec)
         if flat is None:
             return self._slow(data, checks)  # inf/NaN: the slow path raises, naming the tensor
@@ -589,11 +584,17 @@ class FlatDecoder:
         _check_head(head, bundle_id=self.bundle_id, **checks)
         return head, flat
 
-    @staticmethod
-    def _canonical_header(data: bytes) -> dict | None:
-        """The header as our encoder writes it, else None. Plain ASCII without escapes, starting
-        with '{': on that subset Python's JSON parser and safetensors' (serde) cannot disagree
-        (lone surrogates, leading spaces... are where they would)."""
+    def _header(self, data: bytes) -> tuple[dict[str, str], str, int, list] | None:
+        """(metadata, codec, start of the data area, tensor ranges) of a canonical f32/f16
+        payload, or None for anything else (the slow path then decides).
+
+        Canonical: plain ASCII without escapes, as our encoder writes it. On that subset Python's
+        JSON parser and safetensors' (serde) cannot disagree (lone surrogates, leading spaces...
+        are where they would), and no string holds a '"', so the metadata object, which our
+        encoder writes first, ends at the first '"}'. Every update of one bundle and codec then
+        carries byte-for-byte the same tensor table after it: a table validated once is
+        recognised by its bytes and only the small metadata object is parsed.
+        """
         if len(data) < 8:
             return None
         n = int.from_bytes(data[:8], "little")
@@ -602,23 +603,33 @@ class FlatDecoder:
         raw = data[8:8 + n]
         if raw[:1] != b"{" or not raw.isascii() or b"\\" in raw:
             return None
-        try:
-            header = json.loads(raw, object_pairs_hook=_canonical_pairs, parse_constant=_reject_constant,
-                                parse_float=_reject_constant)
-        except (ValueError, RecursionError):
+        start, area = 8 + n, len(data) - 8 - n
+        end = raw.find(b'"}', len(_META_PREFIX)) if raw.startswith(_META_PREFIX) else -1
+        table_bytes = raw[end + 2:] if end > 0 else None
+        known = self._tables.get(table_bytes) if table_bytes is not None else None
+        if known is not None and known[1] == area:
+            meta = _strict_json(raw[len(_META_PREFIX) - 1:end + 2])
+            if isinstance(meta, dict) and meta.get("codec") == known[0] and all(
+                    isinstance(v, str) for v in meta.values()):
+                return meta, known[0], start, known[2]
             return None
-        return header if isinstance(header, dict) else None
+        header = _strict_json(raw)
+        meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+        codec = meta.get("codec") if isinstance(meta, dict) else None
+        if codec not in ("f32", "f16") or not all(isinstance(v, str) for v in meta.values()):
+            return None
+        ranges = self._ranges(header, codec, area)
+        if ranges is None:
+            return None
+        if table_bytes is not None and _strict_json(raw[len(_META_PREFIX) - 1:end + 2]) is not None:
+            if len(self._tables) >= 8:  # a handful of layouts at most; never grow without bound
+                self._tables.clear()
+            self._tables[table_bytes] = (codec, area, ranges)
+        return meta, codec, start, ranges
 
     def _ranges(self, table: dict, codec: str, area: int) -> list[tuple[int, int, int]] | None:
         """(byte offset in the data area, offset in the flat buffer, count) per tensor, sorted by
-        byte offset; None unless every entry is exactly as expected and they tile the area.
-
-        Every update of one codec carries the same tensor table, so the last validated table is
-        kept and a new one that is equal to it (one C-level dict comparison) needs no re-check.
-        """
-        cached = self._layouts.get(codec)
-        if cached is not None and cached[0] == area and cached[1] == table:
-            return cached[2]
+        byte offset; None unless every entry is exactly as expected and they tile the area."""
         dtype, itemsize = ("F16", 2) if codec == "f16" else ("F32", 4)
         if table.keys() != self._names or area % itemsize:
             return None
@@ -644,7 +655,6 @@ class FlatDecoder:
             expected_begin = begin + count * itemsize
         if expected_begin != area:
             return None
-        self._layouts[codec] = (area, table, ranges)
         return ranges
 
     def _fill(self, data: bytes, start: int, ranges: list[tuple[int, int, int]], codec: str) -> np.ndarray | None:
@@ -670,6 +680,18 @@ class FlatDecoder:
         for name, pos, count, _ in self._plan:
             out[pos:pos + count] = np.asarray(msg.tensors[name]).reshape(-1)
         return dataclasses.replace(msg, tensors={}), out
+
+
+_META_PREFIX = b'{"__metadata__":{'
+
+
+def _strict_json(raw: bytes) -> Any:
+    """json.loads with the canonical-header rules below; None where it fails."""
+    try:
+        return json.loads(raw, object_pairs_hook=_canonical_pairs, parse_constant=_reject_constant,
+                          parse_float=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _canonical_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
