@@ -77,6 +77,20 @@ def test_fedavg_random_matches_np_average():
     np.testing.assert_allclose(fedavg(us), expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("count", [15, 16, 17, 40])
+def test_many_updates_match_too(count):
+    """Rows are combined in blocks of 16: counts around and past a block edge."""
+    rng = np.random.default_rng(count)
+    us = random_updates(rng, count, 300)
+    expected = np.average(stack(us), axis=0, weights=[u.num_samples for u in us])
+    np.testing.assert_allclose(fedavg(us), expected, rtol=RTOL, atol=ATOL)
+    n = np.array([u.num_samples for u in us], dtype=np.float64)
+    tau = np.array([u.local_steps for u in us], dtype=np.float64)
+    p = n / n.sum()
+    nova = (p @ tau) * (p[:, None] * (stack(us) / tau[:, None])).sum(axis=0)
+    np.testing.assert_allclose(fednova(us), nova, rtol=RTOL, atol=ATOL)
+
+
 def test_fednova_hand_made():
     us = [upd([2.0], n=1, steps=1), upd([4.0], n=3, steps=4)]
     # d = (2, 1); p = (.25, .75); tau_eff = .25*1 + .75*4 = 3.25; sum p d = .5 + .75 = 1.25
