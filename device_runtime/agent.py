@@ -38,7 +38,6 @@ from device_runtime.adapter import (
     AdapterError,
     flatten,
     load_adapter,
-    save_adapter,
     unflatten,
 )
 from device_runtime.energy import EnergyMeter, EnergyMeterError
@@ -46,7 +45,7 @@ from device_runtime.local_data import BatchStream
 from device_runtime.scheduler import StepObservation, SyncScheduler
 from device_runtime.trainer import Trainer
 from device_runtime.uplink import stage_update
-from tomtit.fsutil import atomic_write_json
+from tomtit.fsutil import atomic_write_bytes
 from tomtit.manifest import Manifest
 from tomtit.outbox import Outbox, send_due
 from tomtit.transport import Transport
@@ -63,6 +62,7 @@ from tomtit.wire import (
     new_update_id,
 )
 
+STATE_FILE = "device-state.safetensors"  # local adapter + reference + counters, one atomic file
 log = logging.getLogger("tomtit.device")
 
 
@@ -135,35 +135,70 @@ class DeviceAgent:
 
     # -- persistence -----------------------------------------------------------------------
     def _resume(self) -> None:
-        state = self.state_dir / "state.json"
-        if not state.is_file():
-            return
         try:
-            d = json.loads(state.read_text())
-            if d.get("bundle_id") != self.manifest.bundle_id:
-                log.warning("state in %s is for bundle %s, not %s: starting fresh",
-                            self.state_dir, d.get("bundle_id"), self.manifest.bundle_id)
-                return
-            local = load_adapter(self.state_dir / "local.safetensors", self.manifest)
-            reference = load_adapter(self.state_dir / "reference.safetensors", self.manifest)
+            saved = self._load_state()
         except (ValueError, KeyError, OSError, AdapterError) as e:
             log.error("cannot resume from %s (%s): starting from the bundle's adapter", self.state_dir, e)
             return
+        if saved is None:
+            return
+        meta, local, reference = saved
+        if meta.get("bundle_id") != self.manifest.bundle_id:
+            log.warning("state in %s is for bundle %s, not %s: starting fresh",
+                        self.state_dir, meta.get("bundle_id"), self.manifest.bundle_id)
+            return
         self.trainer.set_adapter(local)
         self.reference = reference
-        self.base_version = int(d.get("base_version", 0))
-        self.stats.steps = int(d.get("steps", 0))
-        self.stats.syncs = int(d.get("syncs", 0))
+        self.base_version = int(meta.get("base_version", 0))
+        self.stats.steps = int(meta.get("steps", 0))
+        # An update staged in the outbox just before a crash, with the state not saved after it,
+        # is still sent (and counted): its update's own sync number says how far syncs went.
+        self.stats.syncs = max([int(meta.get("syncs", 0)), *(self._staged_sync_number(u) for u in self.outbox.ids())])
         log.info("resumed at step %d, base version %d, %d update(s) awaiting ack",
                  self.stats.steps, self.base_version, len(self.outbox))
 
+    def _load_state(self) -> tuple[dict, np.ndarray, np.ndarray] | None:
+        path = self.state_dir / STATE_FILE
+        if path.is_file():
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), "np") as f:
+                    meta = dict(f.metadata() or {})
+                    local, reference = f.get_tensor("local"), f.get_tensor("reference")
+            except SafetensorError as e:
+                raise ValueError(str(e)) from None
+            for name, x in (("local", local), ("reference", reference)):
+                if x.dtype != np.float32 or x.shape != (self.manifest.buffer_size,) or not np.isfinite(x).all():
+                    raise AdapterError(f"{path}: {name} is not a finite float32[{self.manifest.buffer_size}]")
+            return meta, local, reference
+        legacy = self.state_dir / "state.json"  # written by earlier versions: three separate files
+        if legacy.is_file():
+            return (json.loads(legacy.read_text()), load_adapter(self.state_dir / "local.safetensors", self.manifest),
+                    load_adapter(self.state_dir / "reference.safetensors", self.manifest))
+        return None
+
+    def _staged_sync_number(self, update_id: str) -> int:
+        try:
+            data = self.outbox.payload(update_id)
+            n = int.from_bytes(data[:8], "little")
+            return int(json.loads(data[8:8 + n])["__metadata__"]["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def save_state(self) -> None:
-        save_adapter(self.state_dir / "local.safetensors", self.trainer.get_adapter(), self.manifest)
-        save_adapter(self.state_dir / "reference.safetensors", self.reference, self.manifest)
-        atomic_write_json(self.state_dir / "state.json", {
-            "bundle_id": self.manifest.bundle_id, "base_version": self.base_version,
-            "steps": self.stats.steps, "syncs": self.stats.syncs, "saved_at": self.clock(),
-        })
+        """Local adapter, reference and counters in ONE file, replaced atomically.
+
+        One file because they only make sense together: a crash between writing a new local
+        adapter and its reference would make the next update re-send progress already sent.
+        """
+        from safetensors.numpy import save
+
+        meta = {"bundle_id": self.manifest.bundle_id, "base_version": str(self.base_version),
+                "steps": str(self.stats.steps), "syncs": str(self.stats.syncs), "saved_at": repr(self.clock())}
+        atomic_write_bytes(self.state_dir / STATE_FILE, save({
+            "local": np.ascontiguousarray(self.trainer.get_adapter(), np.float32),
+            "reference": np.ascontiguousarray(self.reference, np.float32)}, metadata=meta))
 
     # -- connection ------------------------------------------------------------------------
     def presence(self, state: str) -> bytes:

@@ -144,3 +144,55 @@ def test_device_stops_when_its_parent_finishes(tmp_path):
     assert stats.stop_reason == "parent finished"
     status = broker.retained[T.status("d1")]
     assert b'"offline"' in status
+
+
+def test_state_is_one_file_and_a_crash_between_staging_and_saving_is_counted(tmp_path):
+    from device_runtime.agent import STATE_FILE
+
+    broker = MemoryBroker()
+    agent = make_agent(tmp_path, broker, tau=3)  # no node: updates stay in the outbox
+    for _ in range(6):
+        agent.step()
+    assert agent.stats.syncs == 2 and len(agent.outbox) == 2
+    assert sorted(p.name for p in (tmp_path / "d1").iterdir() if p.is_file()) == [STATE_FILE]
+    local, reference = agent.trainer.get_adapter().copy(), agent.reference.copy()
+    # crash right after the third update was staged, before the state was saved
+    agent.save_state = lambda: None
+    for _ in range(3):
+        agent.step()
+    assert len(agent.outbox) == 3
+    again = make_agent(tmp_path, broker, tau=3)
+    np.testing.assert_array_equal(again.trainer.get_adapter(), local)  # the last saved state...
+    np.testing.assert_array_equal(again.reference, reference)
+    assert again.stats.syncs == 3 and len(again.outbox) == 3  # ...and the staged update, counted
+
+
+def test_a_half_written_outbox_entry_is_dropped_at_start(tmp_path):
+    from tomtit.outbox import Outbox
+
+    box = Outbox(tmp_path / "box")
+    box.add("a" * 32, "t/x", b"kept", now=1.0)
+    (tmp_path / "box" / ("b" * 32 + ".msg")).write_bytes(b"cut short before its .json")
+    again = Outbox(tmp_path / "box")
+    assert again.ids() == ["a" * 32] and again.payload("a" * 32) == b"kept"
+    assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["a" * 32 + ".json", "a" * 32 + ".msg"]
+
+
+def test_state_written_by_earlier_versions_still_resumes(tmp_path):
+    import json
+
+    from device_runtime.adapter import save_adapter
+
+    broker = MemoryBroker()
+    m = synthetic_manifest()
+    folder = tmp_path / "d1"
+    folder.mkdir()
+    local, reference = np.full(SIZE, 0.25, np.float32), np.full(SIZE, 0.125, np.float32)
+    save_adapter(folder / "local.safetensors", local, m)
+    save_adapter(folder / "reference.safetensors", reference, m)
+    (folder / "state.json").write_text(json.dumps({"bundle_id": m.bundle_id, "base_version": 4, "steps": 17,
+                                                   "syncs": 3}))
+    agent = make_agent(tmp_path, broker)
+    np.testing.assert_array_equal(agent.trainer.get_adapter(), local)
+    np.testing.assert_array_equal(agent.reference, reference)
+    assert (agent.base_version, agent.stats.steps, agent.stats.syncs) == (4, 17, 3)

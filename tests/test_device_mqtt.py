@@ -125,7 +125,9 @@ def test_device_loses_nothing_through_parent_outage_kill_and_broker_restart(tmp_
         parent._stop.set()
     text = log.read_text()
     assert "resumed at step" in text
-    saved = json.loads((state / "state.json").read_text())
+    from safetensors import safe_open
+    with safe_open(str(state / "device-state.safetensors"), "np") as f:
+        saved = {k: int(v) for k, v in f.metadata().items() if k in ("syncs", "steps")}
     left = {p.stem for p in (state / "outbox").glob("*.msg")}
     applied = parent.applied
     assert len(applied) == len(set(applied)), "an update was applied twice"

@@ -45,6 +45,11 @@ class Outbox:
                                              int(d.get("attempts", 0)), d.get("last_sent"))
             except (ValueError, KeyError, TypeError):
                 continue
+        # A .msg without its .json is an `add` cut short by a crash: its caller never got to record
+        # the update as staged (and so never counted on it). It was never sent: drop it.
+        for msg in self.folder.glob("*.msg"):
+            if msg.stem not in self._pending:
+                msg.unlink(missing_ok=True)
         # Anything loaded at start-up is re-sent at once: we cannot know what reached the node.
         self._pending = {k: replace(v, last_sent=None) for k, v in self._pending.items()}
 
@@ -61,6 +66,10 @@ class Outbox:
         p = Pending(update_id, topic, now)
         atomic_write_json(self.folder / f"{update_id}.json", p.__dict__)
         self._pending[update_id] = p
+
+    def ids(self) -> list[str]:
+        """update_ids awaiting an ack, oldest first."""
+        return [p.update_id for p in sorted(self._pending.values(), key=lambda p: p.created_at)]
 
     def payload(self, update_id: str) -> bytes:
         return (self.folder / f"{update_id}.msg").read_bytes()
