@@ -290,7 +290,7 @@ def main() -> None:
     cpu = "receiver_cpu_ms_per_update"
     print(f"{n} MiniLM-sized updates ({size / 1024:.0f} KiB each, {args.codec}) via {args.broker}, "
           f"median of {args.repeat} alternating rounds")
-    print(f"  raw publish->receive                          {raw:8.1f} updates/s  ({raw * size / 1e6:.1f} MB/s), "
+    print(f"  raw receive (bare receiver, same transport)   {raw:8.1f} updates/s  ({raw * size / 1e6:.1f} MB/s), "
           f"receiver CPU {median(raws, cpu):.2f} ms/update")
     print(f"  node decode+validate+aggregate+checkpoint+ack {absorbed:8.1f} updates/s, "
           f"node CPU {median(nodes, cpu):.2f} ms/update")
