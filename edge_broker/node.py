@@ -419,9 +419,11 @@ class Node:
             acc = self.stats.accuracy[-1]["accuracy"]
             if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
                 self.finish(f"target accuracy {self.cfg.target_accuracy} reached")
-        if self.scheduler is not None:
-            for result in applied:
-                self._observe_absorbed(result)
+        for result in applied:
+            if self.scheduler is not None:
+                self._observe_absorbed(result)  # pops each update's metadata as it observes it
+            for uid in result.update_ids:
+                self._pending_meta.pop(uid, None)  # the cloud has no scheduler: do not keep it forever
 
     def aggregate(self) -> None:
         """Apply the buffer and commit at once (what `run_once` does when one update is waiting)."""

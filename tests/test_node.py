@@ -283,6 +283,7 @@ def test_a_burst_is_aggregated_k_at_a_time_and_committed_once(tmp_path):
     expected = sum((updates[i][1] + updates[i + 1][1]) / 2 for i in (0, 2, 4))
     np.testing.assert_allclose(node.model, expected, rtol=1e-6)
     assert node.version == 3 and node.buffer.pending == 1
+    assert set(node._pending_meta) == {updates[6][2]}  # per-update bookkeeping ends with the update
     assert [v["updates"] for v in node.stats.versions] == [2, 2, 2]
     assert commits == [3]  # one checkpoint for the batch, after all three aggregations
     models = drain(watcher)
