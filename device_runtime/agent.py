@@ -147,6 +147,11 @@ class DeviceAgent:
             log.warning("state in %s is for bundle %s, not %s: starting fresh",
                         self.state_dir, meta.get("bundle_id"), self.manifest.bundle_id)
             return
+        for name, x in (("local", local), ("reference", reference)):
+            if x.dtype != np.float32 or x.shape != (self.manifest.buffer_size,) or not np.isfinite(x).all():
+                log.error("cannot resume from %s (%s is not a finite float32[%d]): starting from the bundle's "
+                          "adapter", self.state_dir, name, self.manifest.buffer_size)
+                return
         self.trainer.set_adapter(local)
         self.reference = reference
         self.base_version = int(meta.get("base_version", 0))
@@ -168,9 +173,6 @@ class DeviceAgent:
                     local, reference = f.get_tensor("local"), f.get_tensor("reference")
             except SafetensorError as e:
                 raise ValueError(str(e)) from None
-            for name, x in (("local", local), ("reference", reference)):
-                if x.dtype != np.float32 or x.shape != (self.manifest.buffer_size,) or not np.isfinite(x).all():
-                    raise AdapterError(f"{path}: {name} is not a finite float32[{self.manifest.buffer_size}]")
             return meta, local, reference
         legacy = self.state_dir / "state.json"  # written by earlier versions: three separate files
         if legacy.is_file():

@@ -176,6 +176,9 @@ def test_a_half_written_outbox_entry_is_dropped_at_start(tmp_path):
     again = Outbox(tmp_path / "box")
     assert again.ids() == ["a" * 32] and again.payload("a" * 32) == b"kept"
     assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["a" * 32 + ".json", "a" * 32 + ".msg"]
+    # a sidecar that exists but is damaged is not a crash's leftover: its payload is kept
+    (tmp_path / "box" / ("a" * 32 + ".json")).write_text("{damaged")
+    assert Outbox(tmp_path / "box").ids() == [] and (tmp_path / "box" / ("a" * 32 + ".msg")).read_bytes() == b"kept"
 
 
 def test_state_written_by_earlier_versions_still_resumes(tmp_path):
@@ -196,3 +199,22 @@ def test_state_written_by_earlier_versions_still_resumes(tmp_path):
     np.testing.assert_array_equal(agent.trainer.get_adapter(), local)
     np.testing.assert_array_equal(agent.reference, reference)
     assert (agent.base_version, agent.stats.steps, agent.stats.syncs) == (4, 17, 3)
+
+
+def test_unusable_state_is_reported_and_training_starts_from_the_bundle(tmp_path, caplog):
+    from safetensors.numpy import save_file
+
+    from device_runtime.agent import STATE_FILE
+
+    broker = MemoryBroker()
+    m = synthetic_manifest()
+    (tmp_path / "d1").mkdir()
+    bad = np.full(SIZE, np.nan, np.float32)
+    save_file({"local": bad, "reference": bad}, str(tmp_path / "d1" / STATE_FILE),
+              metadata={"bundle_id": m.bundle_id, "syncs": "3"})
+    agent = make_agent(tmp_path, broker)
+    assert agent.stats.syncs == 0 and np.isfinite(agent.trainer.get_adapter()).all()
+    assert "cannot resume" in caplog.text
+    (tmp_path / "d1" / STATE_FILE).write_bytes(b"not safetensors")
+    agent = make_agent(tmp_path, broker)
+    assert agent.stats.syncs == 0

@@ -47,8 +47,9 @@ class Outbox:
                 continue
         # A .msg without its .json is an `add` cut short by a crash: its caller never got to record
         # the update as staged (and so never counted on it). It was never sent: drop it.
+        # (A .msg whose .json exists but did not parse is left alone: that is damage, not a crash.)
         for msg in self.folder.glob("*.msg"):
-            if msg.stem not in self._pending:
+            if _ID.match(msg.stem) and msg.stem not in self._pending and not msg.with_suffix(".json").exists():
                 msg.unlink(missing_ok=True)
         # Anything loaded at start-up is re-sent at once: we cannot know what reached the node.
         self._pending = {k: replace(v, last_sent=None) for k, v in self._pending.items()}
