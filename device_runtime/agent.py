@@ -44,7 +44,7 @@ from device_runtime.energy import EnergyMeter, EnergyMeterError
 from device_runtime.local_data import BatchStream
 from device_runtime.scheduler import StepObservation, SyncScheduler
 from device_runtime.trainer import Trainer
-from device_runtime.uplink import stage_update
+from device_runtime.uplink import stage_update, unaccounted_deltas
 from tomtit.fsutil import atomic_write_bytes
 from tomtit.manifest import Manifest
 from tomtit.outbox import Outbox, send_due
@@ -152,13 +152,21 @@ class DeviceAgent:
                 log.error("cannot resume from %s (%s is not a finite float32[%d]): starting from the bundle's "
                           "adapter", self.state_dir, name, self.manifest.buffer_size)
                 return
+        try:
+            counters = {k: int(meta.get(k, 0)) for k in ("base_version", "steps", "syncs")}
+            accounted = set(json.loads(meta["accounted"])) if "accounted" in meta else None
+        except (ValueError, TypeError) as e:
+            log.error("cannot resume from %s (bad counters: %s): starting from the bundle's adapter", self.state_dir, e)
+            return
+        # An update staged just before a crash, with the state not saved after it, is still sent:
+        # account for it now, as sync() would have (see device_runtime/uplink.py).
+        late = unaccounted_deltas(self.outbox, accounted, self.manifest)
+        for d in late:
+            reference = reference + d
         self.trainer.set_adapter(local)
         self.reference = reference
-        self.base_version = int(meta.get("base_version", 0))
-        self.stats.steps = int(meta.get("steps", 0))
-        # An update staged in the outbox just before a crash, with the state not saved after it,
-        # is still sent (and counted): its update's own sync number says how far syncs went.
-        self.stats.syncs = max([int(meta.get("syncs", 0)), *(self._staged_sync_number(u) for u in self.outbox.ids())])
+        self.base_version, self.stats.steps = counters["base_version"], counters["steps"]
+        self.stats.syncs = counters["syncs"] + len(late)
         log.info("resumed at step %d, base version %d, %d update(s) awaiting ack",
                  self.stats.steps, self.base_version, len(self.outbox))
 
@@ -180,14 +188,6 @@ class DeviceAgent:
                     load_adapter(self.state_dir / "reference.safetensors", self.manifest))
         return None
 
-    def _staged_sync_number(self, update_id: str) -> int:
-        try:
-            data = self.outbox.payload(update_id)
-            n = int.from_bytes(data[:8], "little")
-            return int(json.loads(data[8:8 + n])["__metadata__"]["version"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
-
     def save_state(self) -> None:
         """Local adapter, reference and counters in ONE file, replaced atomically.
 
@@ -197,7 +197,8 @@ class DeviceAgent:
         from safetensors.numpy import save
 
         meta = {"bundle_id": self.manifest.bundle_id, "base_version": str(self.base_version),
-                "steps": str(self.stats.steps), "syncs": str(self.stats.syncs), "saved_at": repr(self.clock())}
+                "steps": str(self.stats.steps), "syncs": str(self.stats.syncs), "saved_at": repr(self.clock()),
+                "accounted": json.dumps(self.outbox.ids())}  # staged updates already in `reference`
         atomic_write_bytes(self.state_dir / STATE_FILE, save({
             "local": np.ascontiguousarray(self.trainer.get_adapter(), np.float32),
             "reference": np.ascontiguousarray(self.reference, np.float32)}, metadata=meta))

@@ -31,13 +31,18 @@ class NodeCheckpoint:
     # update_id -> the base_version its sender reported, for every applied update a re-send of
     # which would not be refused as stale anyway (see Node.prune_seen): exactly-once across restarts
     seen: Mapping[str, int]
+    # edge: staged upward pushes already added to `pushed` (None: written before this was kept)
+    accounted: tuple[str, ...] | None = ()
+    # highest staleness horizon ever used to prune `seen` (Node.prune_seen)
+    seen_horizon: int = 0
 
 
 def save_checkpoint(state_dir: Path, manifest: Manifest, ck: NodeCheckpoint) -> None:
     from safetensors.numpy import save
 
     meta = {"bundle_id": manifest.bundle_id, "version": str(ck.version),
-            "parent_version": str(ck.parent_version), "seen": json.dumps(dict(ck.seen), separators=(",", ":"))}
+            "parent_version": str(ck.parent_version), "seen": json.dumps(dict(ck.seen), separators=(",", ":")),
+            "accounted": json.dumps(list(ck.accounted or ())), "seen_horizon": str(ck.seen_horizon)}
     data = save({"model": np.ascontiguousarray(ck.model, np.float32),
                  "pushed": np.ascontiguousarray(ck.pushed, np.float32)}, metadata=meta)
     atomic_write_bytes(Path(state_dir) / CHECKPOINT_FILE, data)
@@ -75,7 +80,9 @@ def load_checkpoint(state_dir: Path, manifest: Manifest) -> NodeCheckpoint | Non
             raise ValueError(f"checkpoint tensors have shape {model.shape}, bundle needs ({manifest.buffer_size},)")
         return NodeCheckpoint(model=model.astype(np.float32), pushed=pushed.astype(np.float32),
                               version=int(meta["version"]), parent_version=int(meta["parent_version"]),
-                              seen=_seen(json.loads(meta["seen"])))
+                              seen=_seen(json.loads(meta["seen"])),
+                              accounted=tuple(json.loads(meta["accounted"])) if "accounted" in meta else None,
+                              seen_horizon=int(meta.get("seen_horizon", 0)))
     except (SafetensorError, ValueError, KeyError, OSError) as e:
         # Refuse to silently start over: that would re-apply updates already acknowledged.
         from tomtit.errors import TomtitError

@@ -39,7 +39,7 @@ import numpy as np
 
 from device_runtime.adapter import flatten, unflatten
 from device_runtime.scheduler import StepObservation, SyncScheduler
-from device_runtime.uplink import stage_update
+from device_runtime.uplink import stage_update, unaccounted_deltas
 from edge_broker.aggregation import (
     AggregationError,
     AsyncBuffer,
@@ -64,6 +64,7 @@ from tomtit.wire import (
     decode_acks,
     decode_message,
     decode_presence,
+    encode_ack,
     encode_acks,
     encode_error,
     encode_message,
@@ -158,6 +159,7 @@ class Node:
         self.version = 0
         self.parent_version = 0
         self.seen: dict[str, int] = {}  # applied update_id -> its reported base_version (prune_seen)
+        self.seen_horizon = 0  # updates reporting a base_version below this may have been pruned
         self._pending_base: dict[str, int] = {}  # buffered update_id -> its reported base_version
         self.children_seen: set[str] = set()  # ids that have sent us an update
         self.offline: set[str] = set()  # ids whose retained presence says offline
@@ -182,12 +184,18 @@ class Node:
             return
         self.model, self.pushed, self.version = ck.model, ck.pushed, ck.version
         self.parent_version, self.seen = ck.parent_version, dict(ck.seen)
+        self.seen_horizon = ck.seen_horizon
+        if self.outbox is not None:  # a push staged just before a crash: account for it now
+            accounted = None if ck.accounted is None else set(ck.accounted)
+            for d in unaccounted_deltas(self.outbox, accounted, self.manifest):
+                self.pushed = self.pushed + d
         log.info("resumed from checkpoint: version %d, %d update ids seen", self.version, len(self.seen))
 
     def checkpoint(self) -> None:
         save_checkpoint(self.state_dir, self.manifest, NodeCheckpoint(
             model=self.model, pushed=self.pushed, version=self.version,
-            parent_version=self.parent_version, seen=self.seen))
+            parent_version=self.parent_version, seen=self.seen,
+            accounted=tuple(self.outbox.ids()) if self.outbox is not None else (), seen_horizon=self.seen_horizon))
 
     # -- publishing ------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
@@ -215,8 +223,12 @@ class Node:
 
     def _send_acks(self) -> None:
         for child, acks in self._acks_out.items():
+            topic = self.topics.ack(self.cfg.node_id, child)
+            if len(acks) == 1:  # the single-ack form: children older than ack batches read it too
+                self._publish(topic, encode_ack(acks[0]))
+                continue
             for i in range(0, len(acks), MAX_ACKS_PER_MESSAGE):
-                self._publish(self.topics.ack(self.cfg.node_id, child), encode_acks(acks[i:i + MAX_ACKS_PER_MESSAGE]))
+                self._publish(topic, encode_acks(acks[i:i + MAX_ACKS_PER_MESSAGE]))
         self._acks_out.clear()
 
     def _reject(self, child: str, update_id: str, reason: str, detail: str) -> None:
@@ -308,6 +320,11 @@ class Node:
             return
         if msg.update_id in self.buffer:
             return  # a re-send of something waiting in the buffer: acked when applied
+        if msg.base_version < self.seen_horizon:
+            # it may be an applied update whose id was pruned (prune_seen): never apply it again
+            self._reject(child, msg.update_id, "stale",
+                         f"base_version {msg.base_version} is below {self.seen_horizon}, the oldest this node remembers")
+            return
         norm = float(np.linalg.norm(delta))
         if norm > self.cfg.max_update_norm:
             self._reject(child, msg.update_id, "norm", f"L2 norm {norm:.3g} > bound {self.cfg.max_update_norm}")
@@ -400,17 +417,20 @@ class Node:
         horizon = self.version - self.buffer.config.max_staleness
         if any(b < horizon for b in self.seen.values()):
             self.seen = {u: b for u, b in self.seen.items() if b >= horizon}
+        # Remembered (and checkpointed): a restart with a larger max_staleness must not let a
+        # pruned id back in; `_on_update_payload` refuses anything reporting a base below it.
+        self.seen_horizon = max(self.seen_horizon, horizon)
 
     def commit(self) -> None:
         """Checkpoint and publish what was applied since the last commit, then send queued acks.
 
         The order is the exactly-once guarantee: an ack must never outlive a crash.
         """
-        applied, self._uncommitted = self._uncommitted, []
-        if applied:
+        if self._uncommitted:
             self.prune_seen()
-            self.checkpoint()
+            self.checkpoint()  # if this raises, nothing below runs: no ack without its checkpoint
             self.publish_model()
+        applied, self._uncommitted = self._uncommitted, []
         self._send_acks()
         if not applied:
             return

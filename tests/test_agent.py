@@ -161,10 +161,20 @@ def test_state_is_one_file_and_a_crash_between_staging_and_saving_is_counted(tmp
     for _ in range(3):
         agent.step()
     assert len(agent.outbox) == 3
+    from device_runtime.uplink import staged_delta
+
+    staged = [u for u in agent.outbox.ids()][-1]
     again = make_agent(tmp_path, broker, tau=3)
     np.testing.assert_array_equal(again.trainer.get_adapter(), local)  # the last saved state...
-    np.testing.assert_array_equal(again.reference, reference)
-    assert again.stats.syncs == 3 and len(again.outbox) == 3  # ...and the staged update, counted
+    # ...with the staged update accounted for: it will be sent, so the reference moves past it
+    # (otherwise the next update would carry that progress a second time)
+    np.testing.assert_array_equal(again.reference, reference + staged_delta(again.outbox, staged, again.manifest))
+    assert again.stats.syncs == 3 and len(again.outbox) == 3
+    # and a clean restart changes nothing
+    again.save_state()
+    once_more = make_agent(tmp_path, broker, tau=3)
+    np.testing.assert_array_equal(once_more.reference, again.reference)
+    assert once_more.stats.syncs == 3
 
 
 def test_a_half_written_outbox_entry_is_dropped_at_start(tmp_path):

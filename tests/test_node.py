@@ -391,3 +391,68 @@ def test_checkpoint_from_before_base_versions_keeps_its_ids(tmp_path):
     node2.version = 10**6
     node2.prune_seen()
     assert set(node2.seen) == {"a" * 32, "b" * 32}
+
+
+def test_a_failed_checkpoint_sends_no_ack_even_at_shutdown(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    c1 = child(broker)
+    c1.publish(T.up("cloud", "c1"), update_bytes(np.full(SIZE, 0.5, np.float32), sender="c1", manifest=m, job=JOB)[1])
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    node.checkpoint = disk_full
+    with pytest.raises(OSError):
+        node.run_once(timeout=0)
+    with pytest.raises(OSError):
+        node.shutdown()  # what run()'s finally does: it must not send the acks either
+    assert acks(drain(c1)) == []
+
+
+def test_an_edge_push_staged_just_before_a_crash_is_accounted_on_restart(tmp_path):
+    from device_runtime.uplink import staged_delta
+
+    broker = MemoryBroker()
+    edge, m = make_node(tmp_path, broker, node_id="edge1", parent="cloud", strategy="fedbuff", children=1,
+                        scheduler=make_scheduler("fixed:1"))
+    c1 = child(broker, node="edge1")
+    pushed_before = edge.pushed.copy()
+    real_checkpoint = edge.checkpoint
+    calls = []
+    # the commit's checkpoint succeeds; the one after staging the push never happens (crash)
+    edge.checkpoint = lambda: (calls.append(1), real_checkpoint() if len(calls) == 1 else None)
+    c1.publish(T.up("edge1", "c1"), update_bytes(np.full(SIZE, 0.25, np.float32), sender="c1", manifest=m, job=JOB)[1])
+    edge.run_once(timeout=0)
+    assert len(edge.outbox) == 1 and len(calls) == 2
+    uid = edge.outbox.ids()[0]
+    edge.transport.crash()
+    edge2, _ = make_node(tmp_path, broker, node_id="edge1", parent="cloud", strategy="fedbuff", children=1,
+                         scheduler=make_scheduler("fixed:1"))
+    # the push will still be sent, so `pushed` must include it: model - pushed is what is left
+    np.testing.assert_array_equal(edge2.pushed, pushed_before + staged_delta(edge2.outbox, uid, m))
+    np.testing.assert_allclose(edge2.model - edge2.pushed, 0, atol=1e-3)  # f16 rounding only
+
+
+def test_pruned_ids_stay_refused_after_a_restart_with_a_larger_staleness_bound(tmp_path):
+    broker = MemoryBroker()
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
+    node.buffer.config = type(node.buffer.config)(**{**node.buffer.config.__dict__, "k_updates": 1, "max_staleness": 1})
+    c1 = child(broker)
+    first_uid, first = update_bytes(np.full(SIZE, 0.5, np.float32), sender="c1", manifest=m, job=JOB)
+    c1.publish(T.up("cloud", "c1"), first)
+    node.run_once(timeout=0)
+    for v in range(1, 5):
+        c1.publish(T.up("cloud", "c1"), update_bytes(np.zeros(SIZE, np.float32), sender="c1", manifest=m,
+                                                      job=JOB, base_version=v)[1])
+        node.run_once(timeout=0)
+    assert first_uid not in node.seen and node.version == 5 and node.seen_horizon == 5 - 1
+    node.transport.crash()
+    node2, _ = make_node(tmp_path, broker, strategy="fedbuff", children=1)  # max_staleness 10 again
+    assert node2.seen_horizon == 4
+    drain(c1)
+    model = node2.model.copy()
+    c1.publish(T.up("cloud", "c1"), first)  # staleness 5 would pass a bound of 10
+    node2.run_once(timeout=0)
+    np.testing.assert_array_equal(node2.model, model)
+    assert [(a.update_id, a.status, a.reason) for a in acks(drain(c1))] == [(first_uid, "rejected", "stale")]

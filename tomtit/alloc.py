@@ -20,7 +20,9 @@ _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_THRESHOLD = -3
 
 
-def retain_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
+# 32 MiB: the largest mmap threshold glibc accepts everywhere (HEAP_MAX_SIZE / 2 on 64-bit
+# builds of older glibc); adapter-sized arrays are ~300 KB, far below it.
+def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Apply the thresholds with glibc's mallopt; False (and nothing changed) elsewhere (musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
@@ -29,6 +31,7 @@ def retain_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 25
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    trim_ok = mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and trim_ok
     log.debug("malloc thresholds %s", "raised" if ok else "unchanged (mallopt refused)")
     return ok

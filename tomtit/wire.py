@@ -517,6 +517,15 @@ def decode_message(data: bytes, *, expected: Sequence[TensorSpec] | None, bundle
     return dataclasses.replace(head, tensors=_decode_tensors(raw, head.codec, expected))
 
 
+_SMALLEST_HALF_AS_F32_BITS = np.array([1 << 13], np.uint32)  # float16's smallest subnormal, unscaled
+
+
+def _SUBNORMALS_FLUSHED() -> bool:
+    """True if this thread's FPU flushes subnormals to zero (FTZ/DAZ, set by some -ffast-math
+    libraries): the multiply below relies on float32 subnormal inputs. ~1 us per call."""
+    return float(_SMALLEST_HALF_AS_F32_BITS.view(np.float32)[0] * np.float32(2.0 ** 112)) != 2.0 ** -24
+
+
 def _half_bits_to_float32(bits: np.ndarray) -> np.ndarray | None:
     """float16 bit patterns (widened into uint32, converted IN PLACE) -> float32 view of `bits`;
     None if any is inf or NaN.
@@ -526,6 +535,8 @@ def _half_bits_to_float32(bits: np.ndarray) -> np.ndarray | None:
     exponent and mantissa land in float32's fields, and multiplying by 2**112 re-biases the
     exponent (15 -> 127), which also turns float16 subnormals into the right float32 normals.
     """
+    if _SUBNORMALS_FLUSHED():
+        return None  # the reference path converts in software, unaffected
     sign = np.left_shift(bits, 16)
     sign &= np.uint32(0x80000000)
     bits &= np.uint32(0x7FFF)
@@ -686,12 +697,21 @@ _META_PREFIX = b'{"__metadata__":{'
 
 
 def _strict_json(raw: bytes) -> Any:
-    """json.loads with the canonical-header rules below; None where it fails."""
+    """json.loads with the canonical-header rules below; None where it fails. Decoded as ASCII
+    first: given bytes, json.loads would guess UTF-16/32 from NUL bytes, which serde refuses."""
     try:
-        return json.loads(raw, object_pairs_hook=_canonical_pairs, parse_constant=_reject_constant,
-                          parse_float=_reject_constant)
-    except (ValueError, RecursionError):
+        return json.loads(raw.decode("ascii"), object_pairs_hook=_canonical_pairs, parse_constant=_reject_constant,
+                          parse_float=_reject_constant, parse_int=_canonical_int)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
+
+
+def _canonical_int(text: str) -> int:
+    # A safetensors header holds sizes and offsets only. serde reads "-0" as a float, and no
+    # negative number is valid, so any sign sends the payload to the reference decoder.
+    if text.startswith("-"):
+        raise ValueError("signed integer in a safetensors header")
+    return int(text)
 
 
 def _canonical_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
