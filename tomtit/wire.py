@@ -520,7 +520,7 @@ def decode_message(data: bytes, *, expected: Sequence[TensorSpec] | None, bundle
 _SMALLEST_HALF_AS_F32_BITS = np.array([1 << 13], np.uint32)  # float16's smallest subnormal, unscaled
 
 
-def _SUBNORMALS_FLUSHED() -> bool:
+def _subnormals_flushed() -> bool:
     """True if this thread's FPU flushes subnormals to zero (FTZ/DAZ, set by some -ffast-math
     libraries): the multiply below relies on float32 subnormal inputs. ~1 us per call."""
     return float(_SMALLEST_HALF_AS_F32_BITS.view(np.float32)[0] * np.float32(2.0 ** 112)) != 2.0 ** -24
@@ -528,14 +528,14 @@ def _SUBNORMALS_FLUSHED() -> bool:
 
 def _half_bits_to_float32(bits: np.ndarray) -> np.ndarray | None:
     """float16 bit patterns (widened into uint32, converted IN PLACE) -> float32 view of `bits`;
-    None if any is inf or NaN.
+    None if any is inf or NaN, or if this thread flushes subnormals (the caller then falls back).
 
     Why not astype: numpy converts float16 one element at a time in software (~3 ns each); these
     six whole-array integer ops are ~3x faster and release the GIL. Exact for every finite value:
     exponent and mantissa land in float32's fields, and multiplying by 2**112 re-biases the
     exponent (15 -> 127), which also turns float16 subnormals into the right float32 normals.
     """
-    if _SUBNORMALS_FLUSHED():
+    if _subnormals_flushed():
         return None  # the reference path converts in software, unaffected
     sign = np.left_shift(bits, 16)
     sign &= np.uint32(0x80000000)
@@ -547,6 +547,8 @@ def _half_bits_to_float32(bits: np.ndarray) -> np.ndarray | None:
     values *= np.float32(2.0 ** 112)
     bits |= sign
     return values
+
+
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
