@@ -350,6 +350,14 @@ def test_seen_ids_stay_bounded_and_a_late_resend_is_refused_as_stale(tmp_path):
     assert node2.seen == node.seen
 
 
+def _zero_updates(node, c1, m, base_versions):
+    """One zero update per base version, each handled at once (K = 1: one version each)."""
+    for v in base_versions:
+        c1.publish(T.up("cloud", "c1"), update_bytes(np.zeros(SIZE, np.float32), sender="c1", manifest=m,
+                                                      job=JOB, base_version=v)[1])
+        node.run_once(timeout=0)
+
+
 def test_a_reported_base_ahead_of_the_node_is_remembered_as_reported(tmp_path):
     """A node that lost its state clamps a base_version ahead of its own to its version; a later
     re-send must still be caught as a duplicate, not re-applied as fresh."""
@@ -359,10 +367,7 @@ def test_a_reported_base_ahead_of_the_node_is_remembered_as_reported(tmp_path):
     uid, p = update_bytes(np.full(SIZE, 0.5, np.float32), sender="c1", manifest=m, job=JOB, base_version=57)
     c1.publish(T.up("cloud", "c1"), p)
     node.run_once(timeout=0)
-    for v in range(1, 30):
-        c1.publish(T.up("cloud", "c1"), update_bytes(np.zeros(SIZE, np.float32), sender="c1", manifest=m,
-                                                      job=JOB, base_version=v)[1])
-        node.run_once(timeout=0)
+    _zero_updates(node, c1, m, range(1, 30))
     assert node.seen[uid] == 57
     drain(c1)
     c1.publish(T.up("cloud", "c1"), p)
@@ -442,10 +447,7 @@ def test_pruned_ids_stay_refused_after_a_restart_with_a_larger_staleness_bound(t
     first_uid, first = update_bytes(np.full(SIZE, 0.5, np.float32), sender="c1", manifest=m, job=JOB)
     c1.publish(T.up("cloud", "c1"), first)
     node.run_once(timeout=0)
-    for v in range(1, 5):
-        c1.publish(T.up("cloud", "c1"), update_bytes(np.zeros(SIZE, np.float32), sender="c1", manifest=m,
-                                                      job=JOB, base_version=v)[1])
-        node.run_once(timeout=0)
+    _zero_updates(node, c1, m, range(1, 5))
     assert first_uid not in node.seen and node.version == 5 and node.seen_horizon == 5 - 1
     node.transport.crash()
     node2, _ = make_node(tmp_path, broker, strategy="fedbuff", children=1)  # max_staleness 10 again
