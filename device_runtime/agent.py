@@ -34,32 +34,23 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.adapter import (
-    AdapterError,
-    flatten,
-    load_adapter,
-    unflatten,
-)
+from device_runtime.adapter import AdapterError
 from device_runtime.energy import EnergyMeter, EnergyMeterError
 from device_runtime.local_data import BatchStream
 from device_runtime.scheduler import StepObservation, SyncScheduler
 from device_runtime.trainer import Trainer
-from device_runtime.uplink import stage_update, unaccounted_deltas
+from device_runtime.uplink import Uplink, UplinkConfig
 from tomtit.fsutil import atomic_write_bytes
 from tomtit.manifest import Manifest
-from tomtit.outbox import Outbox, send_due
+from tomtit.outbox import Outbox
 from tomtit.transport import Transport
 from tomtit.wire import (
-    ModelMessage,
     Presence,
     Topics,
     WireError,
-    decode_acks,
-    decode_message,
     decode_presence,
     encode_presence,
     encode_telemetry,
-    new_update_id,
 )
 
 STATE_FILE = "device-state.safetensors"  # local adapter + reference + counters, one atomic file
@@ -80,22 +71,28 @@ class DeviceConfig:
     link_joules_per_mb: float = 0.5  # radio energy per MB sent, added to the measured CPU cost of a sync
     wait_for_model_s: float = 10.0  # at start, wait this long for the parent's retained model
     max_steps: int | None = None  # stop after this many local steps (demos, tests)
+    wait_for_parent: bool = False  # synchronous rounds (FedAvg/HierFAVG baselines): idle after a sync until the parent's next model
 
 
 @dataclass
 class DeviceStats:
     steps: int = 0
     syncs: int = 0
-    acked: int = 0
-    rejected: int = 0
     models_adopted: int = 0
-    bytes_up: int = 0
     joules: float = 0.0
+    waited_s: float = 0.0  # synchronous rounds: time spent idle waiting for the parent's model
     intervals: list[int] = field(default_factory=list)
+    sync_times: list[float] = field(default_factory=list)  # clock() at each sync
+    reasons: list[str] = field(default_factory=list)  # the scheduler's reason for each sync
     stop_reason: str = ""
 
 
 class DeviceAgent:
+    """The device as a state machine fed events (a step, a message), with its clock, energy
+    meter and transport injected: `tomtit device run` gives wall time, a hardware meter and
+    paho; the simulator a virtual clock, an emulated meter and its in-memory network. Nothing
+    in here sleeps or reads the time except through `clock`."""
+
     def __init__(
         self,
         config: DeviceConfig,
@@ -122,16 +119,32 @@ class DeviceAgent:
         self.topics = Topics(config.job)
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s)
+        self.uplink = Uplink(
+            UplinkConfig(sender=config.device_id, parent=config.parent, job=config.job, codec=config.codec,
+                         chunk_bytes=config.chunk_bytes, max_model_bytes=config.max_model_bytes,
+                         wait_for_parent=config.wait_for_parent),
+            manifest=manifest, outbox=Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s),
+            scheduler=scheduler, reference=trainer.get_adapter())  # version 0 == the bundle's initial adapter
         self.stats = DeviceStats()
-        self.base_version = 0
-        self.reference = trainer.get_adapter()  # version 0 == the bundle's initial adapter
         self.parent_finished = False
         self._cycle_losses: list[float] = []
         self._cycle_joules = 0.0
         self._was_connected = False
         self._last_joules: float | None = None
         self._resume()
+
+    # Views kept for callers and tests: the uplink owns these.
+    @property
+    def outbox(self) -> Outbox:
+        return self.uplink.outbox
+
+    @property
+    def reference(self) -> np.ndarray:
+        return self.uplink.reference
+
+    @property
+    def base_version(self) -> int:
+        return self.uplink.base_version
 
     # -- persistence -----------------------------------------------------------------------
     def _resume(self) -> None:
@@ -141,6 +154,8 @@ class DeviceAgent:
             log.error("cannot resume from %s (%s): starting from the bundle's adapter", self.state_dir, e)
             return
         if saved is None:
+            if len(self.outbox):  # staged before the first state file was written: account for it
+                self.stats.syncs = self.uplink.resume(self.reference, 0, set())
             return
         meta, local, reference = saved
         if meta.get("bundle_id") != self.manifest.bundle_id:
@@ -159,34 +174,27 @@ class DeviceAgent:
             log.error("cannot resume from %s (bad counters: %s): starting from the bundle's adapter", self.state_dir, e)
             return
         # An update staged just before a crash, with the state not saved after it, is still sent:
-        # account for it now, as sync() would have (see device_runtime/uplink.py).
-        late = unaccounted_deltas(self.outbox, accounted, self.manifest)
-        for d in late:
-            reference = reference + d
+        # the uplink accounts for it now, as a send would have.
+        late = self.uplink.resume(reference, counters["base_version"], accounted)
         self.trainer.set_adapter(local)
-        self.reference = reference
-        self.base_version, self.stats.steps = counters["base_version"], counters["steps"]
-        self.stats.syncs = counters["syncs"] + len(late)
+        self.stats.steps = counters["steps"]
+        self.stats.syncs = counters["syncs"] + late
         log.info("resumed at step %d, base version %d, %d update(s) awaiting ack",
                  self.stats.steps, self.base_version, len(self.outbox))
 
     def _load_state(self) -> tuple[dict, np.ndarray, np.ndarray] | None:
         path = self.state_dir / STATE_FILE
-        if path.is_file():
-            from safetensors import SafetensorError, safe_open
+        if not path.is_file():
+            return None
+        from safetensors import SafetensorError, safe_open
 
-            try:
-                with safe_open(str(path), "np") as f:
-                    meta = dict(f.metadata() or {})
-                    local, reference = f.get_tensor("local"), f.get_tensor("reference")
-            except SafetensorError as e:
-                raise ValueError(str(e)) from None
-            return meta, local, reference
-        legacy = self.state_dir / "state.json"  # written by earlier versions: three separate files
-        if legacy.is_file():
-            return (json.loads(legacy.read_text()), load_adapter(self.state_dir / "local.safetensors", self.manifest),
-                    load_adapter(self.state_dir / "reference.safetensors", self.manifest))
-        return None
+        try:
+            with safe_open(str(path), "np") as f:
+                meta = dict(f.metadata() or {})
+                local, reference = f.get_tensor("local"), f.get_tensor("reference")
+        except SafetensorError as e:
+            raise ValueError(str(e)) from None
+        return meta, local, reference
 
     def save_state(self) -> None:
         """Local adapter, reference and counters in ONE file, replaced atomically.
@@ -209,10 +217,8 @@ class DeviceAgent:
                                         version=self.base_version, ts=self.clock()))
 
     def subscribe(self) -> None:
-        t, c = self.topics, self.cfg
-        self.transport.subscribe(t.down(c.parent), qos=1)
-        self.transport.subscribe(t.ack(c.parent, c.device_id), qos=1)
-        self.transport.subscribe(t.status(c.parent), qos=1)
+        self.uplink.subscribe(self.transport)
+        self.transport.subscribe(self.topics.status(self.cfg.parent), qos=1)
 
     def announce(self) -> None:
         self.transport.publish(self.topics.status(self.cfg.device_id), self.presence("online"), qos=1, retain=True)
@@ -225,13 +231,12 @@ class DeviceAgent:
             msg = self.transport.get(0)
 
     def _handle(self, topic: str, payload: bytes) -> None:
-        t, c = self.topics, self.cfg
         try:
-            if topic == t.down(c.parent):
+            if topic == self.uplink.down_topic:
                 self._on_model(payload)
-            elif topic == t.ack(c.parent, c.device_id):
-                self._on_ack(payload)
-            elif topic == t.status(c.parent):
+            elif topic == self.uplink.ack_topic:
+                self.uplink.on_acks(payload)
+            elif topic == self.topics.status(self.cfg.parent):
                 if payload and decode_presence(payload).state == "finished":
                     self.parent_finished = True
         except WireError as e:
@@ -241,56 +246,27 @@ class DeviceAgent:
     def _on_model(self, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
-        msg = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
-                             max_bytes=self.cfg.max_model_bytes, expect_kind="model", expect_job=self.cfg.job)
-        if msg.version <= self.base_version and self.stats.models_adopted > 0:
+        model = self.uplink.decode_model(payload)
+        if not self.uplink.is_new(model):
             return  # an older or repeated retained model
-        parent = flatten(dict(msg.tensors), self.manifest.trainable)
-        local = self.trainer.get_adapter()
-        lag = msg.version - self.base_version
-        self.trainer.set_adapter(parent + (local - self.reference))
-        self.reference = parent
-        self.base_version = msg.version
+        self.trainer.set_adapter(self.uplink.adopt(model, self.trainer.get_adapter()))
         self.stats.models_adopted += 1
-        self.scheduler.on_parent_model(msg.version, parent_version_lag=max(0, lag))
-        log.info("adopted parent model v%d (from %s)", msg.version, msg.sender)
-
-    def _on_ack(self, payload: bytes) -> None:
-        for ack in decode_acks(payload):
-            if not self.outbox.ack(ack.update_id):
-                continue  # an ack for something already acknowledged (a re-send's second ack)
-            if ack.status == "rejected":
-                self.stats.rejected += 1
-                log.error("parent rejected update %s: %s", ack.update_id[:8], ack.reason)
-            else:
-                self.stats.acked += 1
+        log.info("adopted parent model v%d (from %s)", model.version, model.sender)
 
     # -- outbound --------------------------------------------------------------------------
     def flush_outbox(self) -> None:
-        if not self.transport.connected:
-            return
-        for p, size in send_due(self.outbox, self.transport, chunk_bytes=self.cfg.chunk_bytes, now=self.clock()):
-            self.stats.bytes_up += size
-            if p.attempts:
-                log.info("re-sent update %s (attempt %d, no ack yet)", p.update_id[:8], p.attempts + 1)
+        self.uplink.flush(self.transport, self.clock())
 
     def sync(self, steps_in_cycle: int) -> int:
         """Send `local - reference` as an update; returns the payload size."""
-        local = self.trainer.get_adapter()
-        delta = local - self.reference
-        uid = new_update_id()
-        msg = ModelMessage(
-            kind="update", sender=self.cfg.device_id, job=self.cfg.job, bundle_id=self.manifest.bundle_id,
-            base_version=self.base_version, version=self.stats.syncs + 1, num_samples=self.num_samples,
-            local_steps=steps_in_cycle, train_loss=float(np.mean(self._cycle_losses)) if self._cycle_losses else 0.0,
-            energy_j=max(0.0, self._cycle_joules), is_delta=True, created_at=self.clock(), codec=self.cfg.codec,
-            update_id=uid, tensors=unflatten(delta, self.manifest.trainable),
-        )
-        size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.device_id),
-                                  self.clock())
-        self.reference = self.reference + sent
+        size = self.uplink.send(
+            self.trainer.get_adapter(), version=self.stats.syncs + 1, num_samples=self.num_samples,
+            local_steps=steps_in_cycle,
+            train_loss=float(np.mean(self._cycle_losses)) if self._cycle_losses else 0.0,
+            energy_j=self._cycle_joules, now=self.clock())
         self.stats.syncs += 1
         self.stats.intervals.append(steps_in_cycle)
+        self.stats.sync_times.append(self.clock())
         self.save_state()
         self.flush_outbox()
         return size
@@ -316,19 +292,29 @@ class DeviceAgent:
             log.warning("energy meter read failed (%s); counting this step as 0 J", e)
             return self._last_joules or 0.0
 
+    @property
+    def waiting_for_parent(self) -> bool:
+        """Synchronous rounds: our update is out and the parent's next model is not in yet."""
+        return self.uplink.waiting_for_parent
+
     def wait_for_model(self) -> None:
-        deadline = time.monotonic() + self.cfg.wait_for_model_s
-        while self.stats.models_adopted == 0 and time.monotonic() < deadline:
+        deadline = self.clock() + self.cfg.wait_for_model_s
+        while self.stats.models_adopted == 0 and self.clock() < deadline:
             self.drain_inbound(timeout=0.1)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One training step and whatever the scheduler decides after it. Returns False, doing
+        nothing, while a synchronous round waits for the parent's model."""
         self._on_connection_change()
         self.drain_inbound()
+        if self.waiting_for_parent:
+            self.flush_outbox()  # re-sends are still due while we wait
+            return False
         ids, mask, labels = self.batches.next()
         j0 = self._read_joules() if self._last_joules is None else self._last_joules
-        t0 = time.perf_counter()
+        t0 = self.clock()
         loss = self.trainer.step(ids, mask, labels)
-        seconds = time.perf_counter() - t0
+        seconds = self.clock() - t0
         j1 = self._read_joules()
         self._last_joules = j1
         joules = max(0.0, j1 - j0)
@@ -339,11 +325,14 @@ class DeviceAgent:
         self.scheduler.set_battery_reserve(self.meter.reserve_fraction())
         decision = self.scheduler.observe(StepObservation(loss=loss, joules=joules, seconds=seconds, samples=len(labels)))
         if decision.sync:
-            s0, t_sync = self._read_joules(), time.perf_counter()
+            s0, t_sync = self._read_joules(), self.clock()
             size = self.sync(decision.steps_since_sync)
+            # A metered link (the emulated meter, a battery gauge) already counts the radio;
+            # link_joules_per_mb adds it where the meter sees only the CPU.
             cost = max(0.0, self._read_joules() - s0) + self.cfg.link_joules_per_mb * size / 1e6
             self._last_joules = self._read_joules()
-            self.scheduler.on_synced(cost_joules=cost, cost_seconds=time.perf_counter() - t_sync)
+            self.scheduler.on_synced(cost_joules=cost, cost_seconds=self.clock() - t_sync)
+            self.stats.reasons.append(decision.reason)
             log.info("sync #%d after %d steps (%s): %d bytes, loss %.4f",
                      self.stats.syncs, decision.steps_since_sync, decision.reason, size, loss)
             self._cycle_losses, self._cycle_joules = [], 0.0
@@ -353,6 +342,7 @@ class DeviceAgent:
             self.telemetry(decision, loss)
         if self.stats.steps % self.cfg.checkpoint_every == 0:
             self.save_state()
+        return True
 
     def _on_connection_change(self) -> None:
         now = self.transport.connected
@@ -373,12 +363,25 @@ class DeviceAgent:
                 if self.cfg.max_steps is not None and self.stats.steps >= self.cfg.max_steps:
                     self.stats.stop_reason = "max steps"
                     break
-                self.step()
+                if not self.step():
+                    t0 = self.clock()
+                    self.drain_inbound(timeout=0.1)  # a synchronous round: idle until the model comes
+                    self.stats.waited_s += self.clock() - t0
             else:
                 self.stats.stop_reason = "signal"
         finally:
             self.shutdown()
         return self.stats
+
+    def summary(self) -> dict:
+        s = self.stats
+        return {
+            "id": self.cfg.device_id, "backend": self.trainer.backend, "stop_reason": s.stop_reason,
+            "steps": s.steps, "syncs": s.syncs, "acked": self.uplink.acked, "rejected": self.uplink.rejected,
+            "outbox": len(self.outbox), "intervals": s.intervals[-500:], "reasons": s.reasons[-500:],
+            "joules": s.joules, "energy_estimated": self.meter.estimated, "meter": self.meter.name,
+            "bytes_up": self.uplink.bytes_up, "base_version": self.base_version, "waited_s": s.waited_s,
+        }
 
     def shutdown(self) -> None:
         self.save_state()

@@ -315,9 +315,13 @@ class SyncScheduler(ABC):
     def on_parent_model(self, version: int, parent_version_lag: int = 0) -> None:
         """The parent published model `version`.
 
-        parent_version_lag: how many parent versions ahead that model is of the base this node's
-        current training started from. The caller knows whether it rebased onto the new model,
-        so it says; call again with 0 after rebasing.
+        parent_version_lag: how many parent versions ahead that model is of the base our unsent
+        progress is built on, *after* the caller handled the model: 0 when it rebased onto it
+        (the device agent and the edge node always merge a new parent model in, so they pass 0),
+        the true lag when it kept training on an older base. The lag lasts until the next sync
+        (`on_synced` clears it: what we send then is built on the newest base we know) or the
+        next call. It used to last forever: one late model made a scheduler sync at tau_min for
+        the rest of the run.
         """
         v, lag = _as_float(version), _as_float(parent_version_lag)
         if math.isfinite(v):
@@ -361,6 +365,7 @@ class SyncScheduler(ABC):
 
     def _reset_cycle(self) -> None:
         self._k = 0
+        self.staleness = 0  # what we just sent is built on the newest parent model we know
         self._deadline_left = None  # our update made it before the parent's aggregation
         self._parent_model_since_sync = False
         self._synced_once = True

@@ -16,14 +16,15 @@ every K updates. Batching what is already queued (bounded by `commit_max_updates
 one batch; when updates trickle in, a batch is one message and nothing changes.
 
 Edge (with a parent): each absorbed child update is one "step" for its own sync scheduler
-(loss = the child's train loss, joules = the energy the child reported plus this node's own);
-when the scheduler says sync, it pushes `model - pushed` upward through an on-disk outbox, like
-a device. A new parent model P is merged as `P + (model - pushed)` (`merge_parent_model`): the
-parent already holds what we pushed, and what children sent since is kept.
+(loss = the child's train loss, joules = the energy the child reported plus this node's own,
+read from its injected meter); when the scheduler says sync, it pushes `model - pushed` upward
+through the same `Uplink` a device uses (outbox, acks, error feedback, merge rule
+`P + (model - pushed)` for a new parent model).
 
-Cloud (no parent): evaluates each new global model on held-out data with ORT inference, stops at
-the target accuracy or the time limit, announces "finished" (which propagates down the tree), and
-writes the summary JSON.
+What happens with each new model (the cloud's evaluate-and-stop) is an observer plugged in
+(`edge_broker.observers`), not a branch on "am I the root". Clock, meter and transport are
+injected: `tomtit node run` gives wall time and paho, the simulator a virtual clock and its
+in-memory network, and both drive this same object.
 """
 from __future__ import annotations
 
@@ -31,25 +32,26 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from device_runtime.adapter import flatten, unflatten
+from device_runtime.adapter import unflatten
+from device_runtime.energy import EnergyMeter, EnergyMeterError
 from device_runtime.scheduler import StepObservation, SyncScheduler
-from device_runtime.uplink import stage_update, unaccounted_deltas
+from device_runtime.uplink import Uplink, UplinkConfig
 from edge_broker.aggregation import (
     AggregationError,
     AsyncBuffer,
     ChildUpdate,
     StaleUpdateError,
-    merge_parent_model,
 )
+from edge_broker.observers import Evaluator, ModelObserver
 from edge_broker.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from tomtit.manifest import Manifest
-from tomtit.outbox import Outbox, send_due
+from tomtit.outbox import Outbox
 from tomtit.transport import Transport
 from tomtit.wire import (
     MAX_ACKS_PER_MESSAGE,
@@ -61,8 +63,6 @@ from tomtit.wire import (
     Reassembler,
     Topics,
     WireError,
-    decode_acks,
-    decode_message,
     decode_presence,
     encode_ack,
     encode_acks,
@@ -73,6 +73,8 @@ from tomtit.wire import (
     is_chunk,
     new_update_id,
 )
+
+__all__ = ["Evaluator", "Node", "NodeConfig", "NodeStats"]
 
 log = logging.getLogger("tomtit.node")
 _KEEP = 2**62  # base_version recorded when none is known: never pruned
@@ -90,10 +92,9 @@ class NodeConfig:
     chunk_bytes: int = 1_000_000  # split payloads above this (EMQX's default packet limit is 1 MB)
     chunk_timeout_s: float = 120.0  # drop a partial chunk set after this
     resend_after_s: float = 30.0  # edge: re-send an unacknowledged upward push after this
-    link_joules_per_mb: float = 0.5  # edge: radio energy per MB pushed upward (sync cost)
-    target_accuracy: float | None = None  # cloud: stop once reached
+    link_joules_per_mb: float = 0.5  # edge: radio energy per MB pushed upward, where the meter cannot see the link
     max_minutes: float | None = None  # stop after this long
-    eval_max_examples: int = 1000  # cloud: evaluate on at most this many held-out examples
+    wait_for_parent: bool = False  # edge, synchronous rounds (HierFAVG): after a push, hold the model until the parent's
     telemetry_every_s: float = 5.0
     commit_max_updates: int = 256  # group commit: at most this many messages handled per commit...
     commit_max_s: float = 0.25  # ...or this long, so acks and the model never wait on a long burst
@@ -110,22 +111,15 @@ class NodeStats:
     pushes_up: int = 0
     push_times: list[float] = field(default_factory=list)
     child_arrivals: dict = field(default_factory=lambda: defaultdict(list))  # child -> [(t, local_steps)]
-    accuracy: list[dict] = field(default_factory=list)
     versions: list[dict] = field(default_factory=list)
     stop_reason: str = ""
 
 
-class Evaluator:
-    """Accuracy and loss of an adapter on pre-encoded held-out examples (cloud only)."""
-
-    def __init__(self, classifier, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray):
-        self.classifier, self.ids, self.mask, self.labels = classifier, ids, mask, labels
-
-    def __call__(self, adapter: np.ndarray) -> tuple[float, float]:
-        return self.classifier.accuracy(self.ids, self.mask, self.labels, adapter)
-
-
 class Node:
+    """The node as a state machine fed events (messages, timers) with clock, meter and transport
+    injected. The receive core (validate -> dedupe -> buffer -> group commit -> publish -> ack)
+    is the same at every tier; an edge adds an `Uplink`, the cloud adds observers."""
+
     def __init__(
         self,
         config: NodeConfig,
@@ -136,8 +130,8 @@ class Node:
         transport: Transport,
         state_dir: Path,
         scheduler: SyncScheduler | None = None,
-        evaluator: Evaluator | None = None,
-        own_joules: Callable[[], float] | None = None,
+        observers: Sequence[ModelObserver] = (),
+        meter: EnergyMeter | None = None,
         clock: Callable[[], float] = time.time,
     ):
         if config.parent is not None and scheduler is None:
@@ -147,17 +141,23 @@ class Node:
         self.buffer = buffer
         self.transport = transport
         self.scheduler = scheduler
-        self.evaluator = evaluator
-        self.own_joules = own_joules or (lambda: 0.0)
+        self.observers = tuple(observers)
+        self.meter = meter
         self.clock = clock
         self.topics = Topics(config.job)
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.stats = NodeStats()
         self.model = np.array(initial_adapter, np.float32)
-        self.pushed = self.model.copy()  # edge: what the parent holds of us
         self.version = 0
-        self.parent_version = 0
+        self.uplink: Uplink | None = None
+        if config.parent is not None:
+            self.uplink = Uplink(
+                UplinkConfig(sender=config.node_id, parent=config.parent, job=config.job, codec=config.up_codec,
+                             chunk_bytes=config.chunk_bytes, max_model_bytes=config.max_update_bytes,
+                             wait_for_parent=config.wait_for_parent),
+                manifest=manifest, outbox=Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s),
+                scheduler=scheduler, reference=self.model)
         self.seen: dict[str, int] = {}  # applied update_id -> its reported base_version (prune_seen)
         self.seen_horizon = 0  # updates reporting a base_version below this may have been pruned
         self._pending_base: dict[str, int] = {}  # buffered update_id -> its reported base_version
@@ -166,29 +166,45 @@ class Node:
         self._up_prefix = self.topics.up_filter(config.node_id)[:-1]  # "tomtit/{job}/node/{id}/up/"
         self.decoder = FlatDecoder(manifest.trainable, bundle_id=manifest.bundle_id, max_bytes=config.max_update_bytes)
         self.reassembler = Reassembler(timeout_s=config.chunk_timeout_s, max_total_bytes=config.max_update_bytes)
-        self.outbox = Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s) if config.parent else None
         self.finished = False
         self.started = clock()
-        self._last_telemetry = 0.0
+        self._last_telemetry = -float("inf")
         self._was_connected = False
         self._pending_meta: dict[str, tuple[float, float, int]] = {}  # update_id -> (loss, joules, samples)
         self._uncommitted: list = []  # AggregateResults applied to the model, not yet checkpointed
         self._acks_out: dict[str, list[Ack]] = defaultdict(list)  # child -> acks sent at the next commit
         self._child_samples: dict[str, int] = {}  # child -> its latest num_samples
+        self._meter_last: float | None = None  # own meter reading at the last absorbed update
+        self._cycle_joules = 0.0  # edge: children's reported + own joules since our last push
+        self._held_model = False  # edge, synchronous rounds: a model not published while we wait for the parent
         self._resume()
+
+    # Views of the uplink (the cloud has none: what "the parent holds of us" is the model itself).
+    @property
+    def outbox(self) -> Outbox | None:
+        return self.uplink.outbox if self.uplink is not None else None
+
+    @property
+    def pushed(self) -> np.ndarray:
+        return self.uplink.reference if self.uplink is not None else self.model
+
+    @property
+    def parent_version(self) -> int:
+        return self.uplink.base_version if self.uplink is not None else 0
 
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self) -> None:
         ck = load_checkpoint(self.state_dir, self.manifest)
         if ck is None:
+            if self.uplink is not None and len(self.uplink.outbox):
+                # staged before the first checkpoint was ever written: none of it is accounted for
+                self.uplink.resume(self.model, 0, set())
             return
-        self.model, self.pushed, self.version = ck.model, ck.pushed, ck.version
-        self.parent_version, self.seen = ck.parent_version, dict(ck.seen)
+        self.model, self.version = ck.model, ck.version
+        self.seen = dict(ck.seen)
         self.seen_horizon = ck.seen_horizon
-        if self.outbox is not None:  # a push staged just before a crash: account for it now
-            accounted = None if ck.accounted is None else set(ck.accounted)
-            for d in unaccounted_deltas(self.outbox, accounted, self.manifest):
-                self.pushed = self.pushed + d
+        if self.uplink is not None:  # a push staged just before a crash: the uplink accounts for it now
+            self.uplink.resume(ck.pushed, ck.parent_version, None if ck.accounted is None else set(ck.accounted))
         log.info("resumed from checkpoint: version %d, %d update ids seen", self.version, len(self.seen))
 
     def checkpoint(self) -> None:
@@ -211,6 +227,7 @@ class Node:
         # Retained: a child that connects later (or restarts) gets the current model at once.
         # Not chunked: a retained message must be one message (MiniLM's adapter is ~300 KB).
         self._publish(self.topics.down(self.cfg.node_id), encode_message(msg), retain=True)
+        self._held_model = False
 
     def presence(self, state: str) -> bytes:
         return encode_presence(Presence(id=self.cfg.node_id, state=state, role="node",
@@ -246,17 +263,16 @@ class Node:
             t, c = self.topics, self.cfg
             self.transport.subscribe(t.up_filter(c.node_id), qos=1)
             self.transport.subscribe(t.status_filter(), qos=1)
-            if c.parent:
-                self.transport.subscribe(t.down(c.parent), qos=1)
-                self.transport.subscribe(t.ack(c.parent, c.node_id), qos=1)
-                self.outbox.reset_timers()
+            if self.uplink is not None:
+                self.uplink.subscribe(self.transport)
+                self.uplink.outbox.reset_timers()
             self._publish(t.status(c.node_id), self.presence("finished" if self.finished else "online"), retain=True)
             self.publish_model()
         self._was_connected = now
 
     # -- inbound ---------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
-        t, c = self.topics, self.cfg
+        t = self.topics
         self.stats.bytes_in += len(payload)
         if topic.startswith(self._up_prefix):  # first: nearly every message is a child's update
             try:
@@ -265,17 +281,13 @@ class Node:
                 log.warning("ignored %s: %s", topic, e)
                 return
             self._on_update_payload(child, payload)
-        elif c.parent and topic == t.down(c.parent):
+        elif self.uplink is not None and topic == self.uplink.down_topic:
             self._on_parent_model(payload)
-        elif c.parent and topic == t.ack(c.parent, c.node_id):
+        elif self.uplink is not None and topic == self.uplink.ack_topic:
             try:
-                acks = decode_acks(payload)
+                self.uplink.on_acks(payload)
             except WireError as e:
                 log.warning("ignored a malformed ack: %s", e)
-                return
-            for ack in acks:
-                if self.outbox.ack(ack.update_id) and ack.status == "rejected":
-                    log.error("parent %s rejected our push %s: %s", c.parent, ack.update_id[:8], ack.reason)
         elif _parses(t.parse_status, topic):
             self._on_presence(topic, payload)
         else:
@@ -354,23 +366,17 @@ class Node:
         if not payload:
             return
         try:
-            msg = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
-                                 max_bytes=self.cfg.max_update_bytes, expect_kind="model", expect_job=self.cfg.job)
+            model = self.uplink.decode_model(payload)
         except WireError as e:
             log.error("ignored parent model: %s", e)
             return
-        if msg.version <= self.parent_version:
+        if model.version <= self.parent_version:
             return
-        parent = flatten(dict(msg.tensors), self.manifest.trainable)
-        self.model = merge_parent_model(parent, self.model, self.pushed)
-        self.pushed = parent
-        lag = msg.version - self.parent_version
-        self.parent_version = msg.version
+        self.model = self.uplink.adopt(model, self.model)  # P + (model - pushed); the scheduler is told
         self.version += 1
-        self.scheduler.on_parent_model(msg.version, parent_version_lag=lag)
         self.checkpoint()
         self.publish_model()
-        log.info("merged parent model v%d -> our v%d", msg.version, self.version)
+        log.info("merged parent model v%d -> our v%d", model.version, self.version)
 
     # -- aggregation -----------------------------------------------------------------------
     def effective_ready(self, now: float) -> bool:
@@ -381,6 +387,12 @@ class Node:
         gone = len(self.children_seen & self.offline)
         pending = self.buffer.pending
         return pending > 0 and gone > 0 and pending >= max(1, self.buffer.config.k_updates - gone)
+
+    def next_timer(self) -> float | None:
+        """When the buffer's max-wait timer fires (clock time), or None: for event-driven callers."""
+        if not self.buffer.pending:
+            return None
+        return self.clock() + max(0.0, self.buffer.config.max_wait_s - self.buffer.oldest_age(self.clock()))
 
     def _apply_ready(self, now: float) -> None:
         if self.effective_ready(now):
@@ -422,73 +434,81 @@ class Node:
         self.seen_horizon = max(self.seen_horizon, horizon)
 
     def commit(self) -> None:
-        """Checkpoint and publish what was applied since the last commit, then send queued acks.
+        """Make what was applied since the last commit durable and visible, then ack it.
 
-        The order is the exactly-once guarantee: an ack must never outlive a crash.
+        Order: the edge's scheduler sees the absorbed updates (and may stage a push: staged
+        before the checkpoint that accounts for it) -> checkpoint -> publish the model (held,
+        in synchronous rounds, while a push waits for the parent's answer) -> acks -> observers.
+        An ack never outlives a crash: if the checkpoint raises, nothing after it runs.
         """
-        if self._uncommitted:
+        applied, had = self._uncommitted, bool(self._uncommitted)
+        if had:
             self.prune_seen()
-            self.checkpoint()  # if this raises, nothing below runs: no ack without its checkpoint
-            self.publish_model()
-        applied, self._uncommitted = self._uncommitted, []
+            for result in applied:
+                if self.scheduler is not None and self.uplink is not None:
+                    self._observe_absorbed(result)
+                for uid in result.update_ids:
+                    self._pending_meta.pop(uid, None)
+            self.checkpoint()
+            if self.uplink is not None and self.uplink.waiting_for_parent:
+                self._held_model = True  # the parent's model comes next; children wait for that one
+            else:
+                self.publish_model()
+        self._uncommitted = []
         self._send_acks()
-        if not applied:
+        if self.uplink is not None:
+            self.uplink.flush(self.transport, self.clock())
+        if not had:
             return
-        if self.evaluator is not None:
-            self.evaluate_current()
-            acc = self.stats.accuracy[-1]["accuracy"]
-            if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
-                self.finish(f"target accuracy {self.cfg.target_accuracy} reached")
-        for result in applied:
-            if self.scheduler is not None:
-                self._observe_absorbed(result)  # pops each update's metadata as it observes it
-            for uid in result.update_ids:
-                self._pending_meta.pop(uid, None)  # the cloud has no scheduler: do not keep it forever
+        for observer in self.observers:
+            stop = observer.on_model(self.version, self.model, self.clock() - self.started)
+            if stop:
+                self.finish(stop)
 
-    def aggregate(self) -> None:
-        """Apply the buffer and commit at once (what `run_once` does when one update is waiting)."""
-        self.apply_buffer(self.clock())
-        self.commit()
+    def _own_joules(self) -> float:
+        """Joules this node spent since the last call (its own meter; 0 without one)."""
+        if self.meter is None:
+            return 0.0
+        try:
+            now = self.meter.joules()
+        except EnergyMeterError as e:
+            log.warning("energy meter read failed (%s); counting 0 J", e)
+            return 0.0
+        last, self._meter_last = self._meter_last, now
+        return max(0.0, now - last) if last is not None else 0.0
 
     def _observe_absorbed(self, result) -> None:
-        own = self.own_joules()
+        own = self._own_joules() / max(1, len(result.update_ids))
         for uid in result.update_ids:
             loss, energy, samples = self._pending_meta.pop(uid, (result.mean_train_loss, 0.0, 1))
-            decision = self.scheduler.observe(StepObservation(
-                loss=loss, joules=energy + own / max(1, len(result.update_ids)), seconds=0.0, samples=samples))
+            joules = energy + own
+            self._cycle_joules += joules
+            decision = self.scheduler.observe(StepObservation(loss=loss, joules=joules, seconds=0.0, samples=samples))
             if decision.sync:
+                before = self._own_joules()
                 size = self.push_up(decision.steps_since_sync)
-                self.scheduler.on_synced(cost_joules=self.cfg.link_joules_per_mb * size / 1e6)
+                cost = before + self._own_joules() + self.cfg.link_joules_per_mb * size / 1e6
+                self.scheduler.on_synced(cost_joules=cost)
                 log.info("pushed model delta to %s (%s)", self.cfg.parent, decision.reason)
 
     def push_up(self, absorbed_updates: int) -> int:
-        """Send `model - pushed` to the parent. To the parent this is one fresh update: its
-        staleness is counted there, in the parent's versions (never compounded across tiers)."""
-        delta = self.model - self.pushed
-        uid = new_update_id()
+        """Stage `model - pushed` for the parent. To the parent this is one fresh update: its
+        staleness is counted there, in the parent's versions (never compounded across tiers).
+        The caller checkpoints (`commit`), which accounts for the staged push."""
         recent = self.stats.versions[-max(1, absorbed_updates):]
-        msg = ModelMessage(
-            kind="update", sender=self.cfg.node_id, job=self.cfg.job, bundle_id=self.manifest.bundle_id,
-            base_version=self.parent_version, version=self.version,
-            num_samples=max(1, sum(self._child_samples.values())),
+        size = self.uplink.send(
+            self.model, version=self.version, num_samples=max(1, sum(self._child_samples.values())),
             local_steps=max(1, absorbed_updates),
             train_loss=float(np.mean([v["train_loss"] for v in recent])) if recent else 0.0,
-            energy_j=0.0, is_delta=True, created_at=self.clock(), codec=self.cfg.up_codec, update_id=uid,
-            tensors=unflatten(delta, self.manifest.trainable))
-        size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.node_id),
-                                  self.clock())
-        self.pushed = self.pushed + sent  # error feedback, as on devices
-        self.checkpoint()
+            energy_j=self._cycle_joules, now=self.clock())
+        self._cycle_joules = 0.0
         self.stats.pushes_up += 1
         self.stats.push_times.append(round(self.clock() - self.started, 3))
-        self.flush_outbox()
         return size
 
     def flush_outbox(self) -> None:
-        if self.outbox is None or not self.transport.connected:
-            return
-        for _, size in send_due(self.outbox, self.transport, chunk_bytes=self.cfg.chunk_bytes, now=self.clock()):
-            self.stats.bytes_out += size
+        if self.uplink is not None:
+            self.stats.bytes_out += self.uplink.flush(self.transport, self.clock())
 
     # -- lifecycle -------------------------------------------------------------------------
     def finish(self, reason: str) -> None:
@@ -508,20 +528,20 @@ class Node:
                   "rejected": sum(self.stats.rejected.values()), "pending": self.buffer.pending,
                   "children_offline": len(self.children_seen & self.offline), "aggregations": self.stats.aggregations,
                   "pushes_up": self.stats.pushes_up}
-        if self.stats.accuracy:
-            values["accuracy"] = self.stats.accuracy[-1]["accuracy"]
+        for observer in self.observers:
+            values.update(observer.telemetry())
         self._publish(self.topics.telemetry(self.cfg.node_id), encode_telemetry(values), qos=0)
 
     def run_once(self, timeout: float = 0.2) -> None:
         """Handle one batch of queued messages (group commit), then the timers."""
         self._on_connection_change()
         msg = self.transport.get(timeout)
-        batch_start, handled = time.monotonic(), 0
+        batch_start, handled = self.clock(), 0
         while msg is not None:
             self.handle(msg.topic, msg.payload)
             self._apply_ready(self.clock())  # every aggregation is exactly K updates, even in a burst
             handled += 1
-            if handled >= self.cfg.commit_max_updates or time.monotonic() - batch_start >= self.cfg.commit_max_s:
+            if handled >= self.cfg.commit_max_updates or self.clock() - batch_start >= self.cfg.commit_max_s:
                 break
             msg = self.transport.get(0)
         now = self.clock()
@@ -533,21 +553,16 @@ class Node:
         if self.cfg.max_minutes is not None and now - self.started >= 60 * self.cfg.max_minutes:
             self.finish(f"time limit {self.cfg.max_minutes} min")
 
-    def evaluate_current(self) -> None:
-        """Record the accuracy of the model as it stands (the untrained head's, at version 0)."""
-        if self.evaluator is None:
-            return
-        acc, loss = self.evaluator(self.model)
-        self.stats.accuracy.append({"t": round(self.clock() - self.started, 3), "version": self.version,
-                                    "accuracy": acc, "loss": loss})
-        log.info("v%d%s: held-out accuracy %.4f, loss %.4f", self.version,
-                 " (untrained head)" if self.version == 0 else "", acc, loss)
+    def start(self) -> None:
+        """Connect-time work: subscribe first (evaluation takes seconds, and a non-retained update
+        published before we subscribe would be dropped by the broker), then let observers see the
+        initial model (the untrained head's accuracy)."""
+        self._on_connection_change()
+        for observer in self.observers:
+            observer.on_model(self.version, self.model, self.clock() - self.started)
 
     def run(self, should_stop: Callable[[], bool]) -> NodeStats:
-        # Subscribe first: evaluation takes seconds, and a non-retained update published while we
-        # are not yet subscribed would be dropped by the broker (children would re-send, but late).
-        self._on_connection_change()
-        self.evaluate_current()
+        self.start()
         try:
             while not should_stop() and not self.finished:
                 self.run_once()
@@ -568,11 +583,11 @@ class Node:
 
     def summary(self) -> dict:
         intervals = {c: [s for _, s in arr] for c, arr in self.stats.child_arrivals.items()}
-        return {
+        out = {
             "node": self.cfg.node_id, "parent": self.cfg.parent, "job": self.cfg.job,
             "bundle_id": self.manifest.bundle_id, "stop_reason": self.stats.stop_reason,
             "final_version": self.version, "aggregations": self.stats.aggregations,
-            "versions": self.stats.versions, "accuracy": self.stats.accuracy,
+            "versions": self.stats.versions,
             "updates_accepted": self.stats.accepted, "duplicates": self.stats.duplicates,
             "updates_rejected": dict(self.stats.rejected), "bytes_in": self.stats.bytes_in,
             "bytes_out": self.stats.bytes_out, "pushes_up": self.stats.pushes_up, "push_times": self.stats.push_times,
@@ -580,6 +595,9 @@ class Node:
             "child_local_steps": intervals,
             "seconds": round(self.clock() - self.started, 3),
         }
+        for observer in self.observers:
+            out.update(observer.summary())
+        return out
 
 
 def _parses(parse, topic: str) -> bool:

@@ -227,6 +227,32 @@ def test_staleness_beyond_v_syncs_sooner():
     assert k == 7 < k0 and "versions ahead" in d.reason
 
 
+def test_staleness_lasts_one_cycle_only():
+    """The issue-9 repro: one late parent model (lag 10) used to pin the rule at tau_min forever
+    (300 syncs in 600 steps instead of ~52). After the one forced sync, intervals are normal."""
+    def syncs(hint: bool) -> list[int]:
+        rng = np.random.default_rng(0)
+        sched = make_scheduler("marginal:tau_min=2,tau_max=50")
+        if hint:
+            sched.on_parent_model(1, parent_version_lag=10)
+        out, k, level = [], 0, L0
+        for _ in range(600):
+            k += 1
+            level = 0.05 + (level - 0.05) * 0.97
+            d = sched.observe(step(level + 0.01 * rng.standard_normal()))
+            if d.sync:
+                out.append(k)
+                k, level = 0, level + 0.3  # a new cycle restarts from a worse merged model
+                sched.on_synced(cost_joules=10.0)
+        return out
+
+    undisturbed, hinted = syncs(False), syncs(True)
+    assert hinted[0] == 2  # forced: the parent is 10 > V versions ahead
+    assert len(hinted) < 100, hinted  # before the fix: 300
+    assert abs(len(hinted) - len(undisturbed)) <= 2
+    assert sorted(hinted[1:])[len(hinted) // 2] > 2  # the median interval is not tau_min
+
+
 def test_staleness_within_v_changes_nothing():
     sched, k0 = warmed_marginal(max_staleness=3)
     k, _ = interval_with(sched, {7: lambda s: s.on_parent_model(12, parent_version_lag=3)})

@@ -23,6 +23,7 @@ from tomtit.wire import (
     ModelMessage,
     Presence,
     Reassembler,
+    RunConfig,
     Topics,
     WireError,
     MAX_ACKS_PER_MESSAGE,
@@ -32,12 +33,14 @@ from tomtit.wire import (
     decode_error,
     decode_message,
     decode_presence,
+    decode_run_config,
     decode_telemetry,
     encode_ack,
     encode_acks,
     encode_error,
     encode_message,
     encode_presence,
+    encode_run_config,
     encode_telemetry,
     is_chunk,
     split_payload,
@@ -1047,3 +1050,152 @@ def test_fuzz_mutations(seed):
             fn(candidate)
         except WireError:
             pass
+
+
+# ------------------------------------------------------------------------ run configuration
+
+RUN_OK = {"job": "job1", "bundle_id": BUNDLE, "up_codec": "f16", "device_scheduler": "marginal:tau_min=2,tau_max=50",
+          "edge_scheduler": "fixed:10", "k_updates": 3, "max_wait_s": 30.0, "max_staleness": 10,
+          "staleness_exponent": 0.5, "target_accuracy": 0.9, "deadline_s": 3600.0, "created_at": 1_700_000_000.25}
+
+
+def _run_error(data: bytes) -> WireError:
+    with pytest.raises(WireError) as info:
+        decode_run_config(data)
+    return info.value
+
+
+def test_run_topic():
+    assert Topics("job1").run() == "tomtit/job1/run"
+
+
+def test_run_config_round_trip():
+    cfg = RunConfig(**RUN_OK)
+    data = encode_run_config(cfg)
+    assert data == json.dumps(RUN_OK, sort_keys=True, separators=(",", ":")).encode()
+    assert decode_run_config(data) == cfg
+    # optional limits travel as null; whole numbers are accepted for the float fields
+    loose = {**RUN_OK, "target_accuracy": None, "deadline_s": None, "max_wait_s": 30, "created_at": 0,
+             "staleness_exponent": 0, "max_staleness": 0, "k_updates": 1}
+    back = decode_run_config(_j(loose))
+    assert (back.target_accuracy, back.deadline_s) == (None, None)
+    assert type(back.max_wait_s) is float and back.max_wait_s == 30.0
+    assert decode_run_config(encode_run_config(back)) == back
+    assert decode_run_config(_j({**RUN_OK, "target_accuracy": 1})).target_accuracy == 1.0
+    assert decode_run_config(bytearray(data)) == cfg
+
+
+def test_run_config_normalises_numpy_scalars():
+    cfg = RunConfig(**{**RUN_OK, "k_updates": np.int64(4), "max_wait_s": np.float32(2.5),
+                       "target_accuracy": np.float64(0.75)})
+    assert type(cfg.k_updates) is int and type(cfg.max_wait_s) is float and type(cfg.target_accuracy) is float
+    assert json.loads(encode_run_config(cfg))["k_updates"] == 4
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b" " * 5000, "too_large"),
+    (b"\xff\xfe{}", "not_json"),
+    (b"{", "not_json"),
+    (b"[1]", "not_json"),
+    (b"null", "not_json"),
+    (b'{"job":"a","job":"b"}', "not_json"),
+    (_j(RUN_OK).replace(b"0.5", b"NaN"), "not_json"),
+    (b"[" * 2000 + b"]" * 2000, "not_json"),
+])
+def test_run_config_not_json(data, reason):
+    assert _run_error(data).reason == reason
+
+
+def test_run_config_unknown_key_named():
+    e = _run_error(_j({**RUN_OK, "server_lr": 1.0}))
+    assert e.reason == "bad_schema" and "server_lr" in str(e)
+
+
+@pytest.mark.parametrize("name", list(RUN_OK))
+def test_run_config_missing_key_named(name):
+    e = _run_error(_j({k: v for k, v in RUN_OK.items() if k != name}))
+    assert e.reason == "bad_schema" and name in str(e)
+
+
+@pytest.mark.parametrize("name, value, reason", [
+    # wrong types (bool is not an int, a number in a string is not a number)
+    ("job", 7, "bad_id"), ("bundle_id", None, "bad_id"), ("up_codec", 16, "bad_codec"),
+    ("device_scheduler", 10, "bad_schema"), ("edge_scheduler", None, "bad_schema"),
+    ("k_updates", True, "bad_schema"), ("k_updates", 3.0, "bad_schema"), ("k_updates", "3", "bad_schema"),
+    ("max_wait_s", "30", "bad_schema"), ("max_wait_s", False, "bad_schema"), ("max_wait_s", None, "bad_schema"),
+    ("max_staleness", True, "bad_schema"), ("max_staleness", [10], "bad_schema"),
+    ("staleness_exponent", None, "bad_schema"), ("staleness_exponent", {"a": 1}, "bad_schema"),
+    ("target_accuracy", "0.9", "bad_schema"), ("target_accuracy", True, "bad_schema"),
+    ("deadline_s", [], "bad_schema"), ("deadline_s", True, "bad_schema"), ("created_at", None, "bad_schema"),
+    # out of range
+    ("k_updates", 0, "bad_schema"), ("k_updates", -1, "bad_schema"),
+    ("max_wait_s", 0, "bad_schema"), ("max_wait_s", -1.5, "bad_schema"), ("max_wait_s", 10**400, "bad_schema"),
+    ("max_staleness", -1, "bad_schema"), ("staleness_exponent", -0.5, "bad_schema"),
+    ("target_accuracy", 0, "bad_schema"), ("target_accuracy", 1.5, "bad_schema"),
+    ("target_accuracy", -0.1, "bad_schema"), ("deadline_s", 0, "bad_schema"), ("deadline_s", -5, "bad_schema"),
+    ("created_at", -1, "bad_schema"),
+    # codecs, ids and scheduler specs
+    ("up_codec", "f64", "bad_codec"), ("up_codec", "F16", "bad_codec"), ("up_codec", "", "bad_codec"),
+    ("job", "a/b", "bad_id"), ("job", "", "bad_id"), ("job", "x" * 65, "bad_id"), ("job", "+", "bad_id"),
+    ("bundle_id", "a b", "bad_id"), ("bundle_id", "é", "bad_id"),
+    ("device_scheduler", "", "bad_schema"), ("device_scheduler", "fixed: 10", "bad_schema"),
+    ("device_scheduler", "a/b", "bad_schema"), ("edge_scheduler", "#", "bad_schema"),
+    ("edge_scheduler", "fixed:" + "9" * 200, "bad_schema"), ("edge_scheduler", ":10", "bad_schema"),
+])
+def test_run_config_bad_field_named(name, value, reason):
+    e = _run_error(_j({**RUN_OK, name: value}))
+    assert e.reason == reason and name in str(e), str(e)
+    with pytest.raises(WireError):  # the sender cannot make one either
+        RunConfig(**{**RUN_OK, name: value})
+
+
+def test_run_config_huge_float_rejected():
+    # JSON has no infinity, but Python's parser reads 1e400 as one
+    e = _run_error(_j(RUN_OK).replace(b"3600.0", b"1e400"))
+    assert e.reason == "bad_schema" and "deadline_s" in str(e)
+
+
+def _json_values():
+    # NaN and infinities are in: json.dumps writes them as NaN/Infinity, which is not JSON
+    leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80)
+    return st.recursive(leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                      max_size=4), max_leaves=8)
+
+
+def _decode_run_or_wire_error(data: bytes) -> RunConfig | None:
+    """The decoded config, or None on WireError; any other exception fails the test."""
+    try:
+        cfg = decode_run_config(data)
+    except WireError:
+        return None
+    # whatever decodes holds up to the promises of the type
+    assert type(cfg.k_updates) is int and cfg.k_updates >= 1
+    assert type(cfg.max_staleness) is int and cfg.max_staleness >= 0
+    assert type(cfg.max_wait_s) is float and 0 < cfg.max_wait_s < math.inf
+    assert type(cfg.staleness_exponent) is float and 0 <= cfg.staleness_exponent < math.inf
+    assert cfg.target_accuracy is None or (type(cfg.target_accuracy) is float and 0 < cfg.target_accuracy <= 1)
+    assert cfg.deadline_s is None or (type(cfg.deadline_s) is float and 0 < cfg.deadline_s < math.inf)
+    assert type(cfg.created_at) is float and 0 <= cfg.created_at < math.inf
+    assert cfg.up_codec in ("f32", "f16", "int8")
+    assert decode_run_config(encode_run_config(cfg)) == cfg
+    return cfg
+
+
+_VALID_RUN = encode_run_config(RunConfig(**RUN_OK))
+
+
+@FUZZ
+@given(st.binary(max_size=512), st.integers(0, 2**64 - 1))
+def test_fuzz_run_config_bytes(data, seed):
+    # arbitrary bytes, and byte-level edits of a valid config: WireError or a valid RunConfig
+    _decode_run_or_wire_error(data)
+    _decode_run_or_wire_error(_mutate(random.Random(seed), _VALID_RUN))
+
+
+@FUZZ
+@given(st.sampled_from(list(RUN_OK) + ["extra"]), _json_values())
+def test_fuzz_run_config_field_values(name, value):
+    # one field (or an unknown key) set to any JSON value
+    cfg = _decode_run_or_wire_error(_j({**RUN_OK, name: value}))
+    assert cfg is None or name != "extra"  # an unknown key is refused, whatever its value

@@ -205,19 +205,6 @@ class MqttTransport(Transport):
         self._unacked = []
         return True
 
-    def publish_and_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                         timeout: float = 10.0) -> bool:
-        """Publish and wait for the broker's PUBACK; False on timeout or while disconnected."""
-        if self._client is None:
-            raise ConnectionError("transport is not started")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        deadline = time.monotonic() + timeout
-        while not info.is_published():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         with self._lock:
             self._filters[topic_filter] = qos

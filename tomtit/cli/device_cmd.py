@@ -78,12 +78,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         transport.close()
     log.info("stopped (%s): %d steps, %d syncs, %d acked, %d rejected, %d in outbox",
-             stats.stop_reason, stats.steps, stats.syncs, stats.acked, stats.rejected, len(agent.outbox))
+             stats.stop_reason, stats.steps, stats.syncs, agent.uplink.acked, agent.uplink.rejected, len(agent.outbox))
     if args.summary:
-        args.summary.write_text(json.dumps({
-            "id": args.id, "backend": trainer.backend, "stop_reason": stats.stop_reason, "steps": stats.steps, "syncs": stats.syncs,
-            "acked": stats.acked, "rejected": stats.rejected, "outbox": len(agent.outbox),
-            "intervals": stats.intervals[-500:], "joules": stats.joules, "energy_estimated": meter.estimated,
-            "bytes_up": stats.bytes_up, "base_version": agent.base_version,
-        }, indent=2))
+        args.summary.write_text(json.dumps(agent.summary(), indent=2))
     return 0

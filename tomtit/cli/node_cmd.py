@@ -31,14 +31,17 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--state-dir", type=Path, help="checkpoints and outbox (default: ./state/JOB/ID)")
     r.add_argument("--summary", type=Path, help="write the run summary JSON here when stopping")
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--energy", default="auto", help="edge: its own energy meter (auto | rapl | ina3221 | model:PROFILE)")
 
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.adapter import load_adapter
     from device_runtime.bundle import open_bundle
+    from device_runtime.energy import detect_meter
     from device_runtime.scheduler import make_scheduler
     from edge_broker.aggregation import make_strategy
-    from edge_broker.node import Evaluator, Node, NodeConfig
+    from edge_broker.node import Node, NodeConfig
+    from edge_broker.observers import EvaluateAndStop, Evaluator
     from tomtit.cli import CliError
     from tomtit.mqtt import MqttTransport
     from tomtit.transport import Will
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     opts = {k: v for k, v in {"k_updates": args.k, "max_wait_s": args.max_wait, "server_lr": args.server_lr}.items()
             if v is not None}
     buffer = make_strategy(args.strategy, expected_children=args.children, **opts)
-    evaluator = None
+    observers = []
     if args.eval_data:
         from device_runtime.inference import Classifier
         from device_runtime.local_data import encode_dataset
@@ -68,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
         clf = Classifier(bundle, threads=args.threads)
         data = encode_dataset(load_dataset(args.eval_data), clf.encoder, m)
         n = min(len(data), args.eval_max)
-        evaluator = Evaluator(clf, data.input_ids[:n], data.attention_mask[:n], data.labels[:n])
+        observers.append(EvaluateAndStop(Evaluator(clf, data.input_ids[:n], data.attention_mask[:n], data.labels[:n]),
+                                         args.target_accuracy))
     scheduler = make_scheduler(args.scheduler) if args.parent else None
     config = NodeConfig(node_id=args.id, parent=args.parent, job=args.job, max_update_norm=args.max_norm,
-                        target_accuracy=args.target_accuracy, max_minutes=args.max_minutes)
+                        max_minutes=args.max_minutes)
+    # An edge's scheduler weighs its own joules too (aggregation CPU, its radio): same meters as a device.
+    meter = detect_meter(args.energy) if args.parent else None
     topics = Topics(args.job)
     will = Will(topics.status(args.id), encode_presence(Presence(id=args.id, state="offline", role="node",
                                                                   version=0, ts=0.0)))
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                     transport.last_error or "no answer")
     node = Node(config, manifest=m, initial_adapter=load_adapter(bundle.path("initial_adapter"), m), buffer=buffer,
                 transport=transport, state_dir=args.state_dir or Path("state") / args.job / args.id,
-                scheduler=scheduler, evaluator=evaluator)
+                scheduler=scheduler, observers=observers, meter=meter)
     log.info("node %s (%s), strategy %s, bundle %s", args.id, f"edge of {args.parent}" if args.parent else "cloud",
              args.strategy, m.bundle_id)
     stop = stop_event_on_signals()
