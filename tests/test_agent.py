@@ -209,3 +209,83 @@ def test_unusable_state_is_reported_and_training_starts_from_the_bundle(tmp_path
     (tmp_path / "d1" / STATE_FILE).write_bytes(b"not safetensors")
     agent = make_agent(tmp_path, broker)
     assert agent.stats.syncs == 0
+
+
+class CountingMeter:
+    """Deterministic joules: each training step costs 1 J (the trainer ticks it)."""
+
+    name, estimated = "counting", False
+
+    def __init__(self):
+        self.j = 0.0
+
+    def joules(self):
+        return self.j
+
+    def reserve_fraction(self):
+        return None
+
+
+class MeteredTrainer(QuadraticTrainer):
+    def __init__(self, meter, **kw):
+        super().__init__(TARGET, **kw)
+        self.meter = meter
+
+    def step(self, *a):
+        self.meter.j += 1.0
+        return super().step(*a)
+
+
+def test_marginal_rule_inside_the_agent_a_late_joiner_under_a_quiet_parent_keeps_normal_intervals(tmp_path):
+    """Issue 9: a device joining 10 versions late was told "lag 10" before merging, the lag was
+    never cleared, and under a quiet parent it synced at tau_min for ever."""
+    broker = MemoryBroker()
+    m = synthetic_manifest()
+    node = Node(NodeConfig(node_id="edge", job=JOB), manifest=m, initial_adapter=np.zeros(SIZE, np.float32),
+                buffer=make_strategy("fedbuff", k_updates=1000, max_wait_s=1e9), transport=broker.client("edge"),
+                state_dir=tmp_path / "edge")
+    node.version = 10  # the federation is 10 versions in when this device arrives
+    node.run_once(timeout=0)
+    meter = CountingMeter()
+    agent = DeviceAgent(
+        DeviceConfig(device_id="d1", parent="edge", job=JOB, codec="f32", wait_for_model_s=0.0, resend_after_s=1e9,
+                     link_joules_per_mb=0.0),
+        manifest=m, trainer=MeteredTrainer(meter, lr=0.01), batches=DummyBatches(), num_samples=50, meter=meter,
+        scheduler=make_scheduler("marginal:tau_min=2,tau_max=50,sync_cost_j=5"), transport=broker.client("d1"),
+        state_dir=tmp_path / "d1")
+    agent._on_connection_change()
+    for _ in range(150):
+        agent.step()
+        node.run_once(timeout=0)
+    assert agent.base_version == 10 and agent.stats.models_adopted == 1
+    assert agent.stats.syncs >= 2
+    assert min(agent.stats.intervals) > 2, agent.stats.intervals  # before the fix: [2, 2, 2, ...]
+    assert not any("versions ahead" in r for r in agent.stats.reasons)
+
+
+def test_synchronous_rounds_wait_for_the_parent_model(tmp_path):
+    broker = MemoryBroker()
+    m = synthetic_manifest()
+    node = Node(NodeConfig(node_id="edge", job=JOB), manifest=m, initial_adapter=np.zeros(SIZE, np.float32),
+                buffer=make_strategy("fedavg", expected_children=2), transport=broker.client("edge"),
+                state_dir=tmp_path / "edge")
+    node.run_once(timeout=0)
+    a = [DeviceAgent(DeviceConfig(device_id=f"d{i}", parent="edge", job=JOB, codec="f32", wait_for_model_s=0.0,
+                                  resend_after_s=1e9, wait_for_parent=True),
+                     manifest=m, trainer=QuadraticTrainer(TARGET, lr=0.05), batches=DummyBatches(), num_samples=50,
+                     meter=CountingMeter(), scheduler=make_scheduler("fixed:3"), transport=broker.client(f"d{i}"),
+                     state_dir=tmp_path / f"d{i}") for i in (1, 2)]
+    for ag in a:
+        ag._on_connection_change()
+    for _ in range(3):
+        assert a[0].step()
+    assert a[0].waiting_for_parent
+    for _ in range(5):  # d1 waits: no steps while d2 has not sent
+        assert not a[0].step()
+        node.run_once(timeout=0)
+    assert a[0].stats.steps == 3 and node.version == 0
+    for _ in range(3):
+        a[1].step()
+    node.run_once(timeout=0)
+    assert node.version == 1
+    assert a[0].step() and not a[0].waiting_for_parent and a[0].base_version == 1

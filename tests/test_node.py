@@ -255,6 +255,81 @@ def test_edge_pushes_upward_and_merges_the_parent_model(tmp_path):
     assert len(edge.outbox) == 0
 
 
+class TickMeter:
+    name, estimated = "tick", False
+
+    def __init__(self):
+        self.j = 0.0
+
+    def joules(self):
+        return self.j
+
+    def reserve_fraction(self):
+        return None
+
+
+def _model_msg(m, version, value):
+    return encode_message(ModelMessage(
+        kind="model", sender="cloud", job=JOB, bundle_id=m.bundle_id, base_version=0, version=version, num_samples=0,
+        local_steps=0, train_loss=0.0, energy_j=0.0, is_delta=False, created_at=1.0,
+        tensors=unflatten(np.full(SIZE, value, np.float32), SPECS)))
+
+
+def test_an_edge_counts_its_own_joules_and_reports_the_cycle_energy_upward(tmp_path):
+    """Issue 9: an edge's own joules never reached its scheduler (the energy term was empty)."""
+    broker = MemoryBroker()
+    meter = TickMeter()
+    m = synthetic_manifest()
+    edge = Node(NodeConfig(node_id="edge1", parent="cloud", job=JOB), manifest=m,
+                initial_adapter=np.zeros(SIZE, np.float32), buffer=make_strategy("fedbuff", k_updates=1),
+                transport=broker.client("edge1"), state_dir=tmp_path / "edge1", scheduler=make_scheduler("fixed:3"),
+                meter=meter, clock=Clock())
+    edge.run_once(timeout=0)
+    cloud = broker.client("cloud-probe")
+    cloud.subscribe(T.up_filter("cloud"))
+    c1 = child(broker, node="edge1")
+    seen = []
+    real_observe = edge.scheduler.observe
+    edge.scheduler.observe = lambda step: (seen.append(step.joules), real_observe(step))[1]
+    for _ in range(3):
+        meter.j += 0.5  # this edge's own work between updates
+        c1.publish(T.up("edge1", "c1"), update_bytes(np.full(SIZE, 0.01, np.float32), sender="c1", manifest=m,
+                                                     job=JOB)[1])  # each reports energy_j=2.0
+        edge.run_once(timeout=0)
+    # the first reading only sets the meter's zero; after that each step is 2.0 child + 0.5 own
+    assert seen == [2.0, 2.5, 2.5]
+    ups = [x for x in drain(cloud) if x.topic == T.up("cloud", "edge1")]
+    pushed = decode_message(ups[0].payload, expected=SPECS, bundle_id=m.bundle_id, max_bytes=1 << 20)
+    assert pushed.energy_j == pytest.approx(7.0)  # was always 0.0
+
+
+def test_marginal_rule_inside_an_edge_that_joins_10_versions_late(tmp_path):
+    broker = MemoryBroker()
+    m = synthetic_manifest()
+    edge = Node(NodeConfig(node_id="edge1", parent="cloud", job=JOB), manifest=m,
+                initial_adapter=np.zeros(SIZE, np.float32), buffer=make_strategy("fedbuff", k_updates=1),
+                transport=broker.client("edge1"), state_dir=tmp_path / "edge1",
+                scheduler=make_scheduler("marginal:tau_min=2,tau_max=40,sync_cost_j=5"), clock=Clock())
+    cloud = broker.client("cloud")
+    cloud.publish(T.down("cloud"), _model_msg(m, 10, 0.0), retain=True)  # the cloud is at v10, then quiet
+    edge.run_once(timeout=0)
+    edge.run_once(timeout=0)
+    assert edge.parent_version == 10
+    c1 = child(broker, node="edge1")
+    rng = np.random.default_rng(0)
+    for k in range(120):
+        loss = 0.2 + 2.0 * 0.95 ** k + 0.01 * rng.standard_normal()
+        _, p = update_bytes(np.full(SIZE, 1e-3, np.float32), sender="c1", manifest=m, job=JOB)
+        msg = decode_message(p, expected=SPECS, bundle_id=m.bundle_id, max_bytes=1 << 20)
+        c1.publish(T.up("edge1", "c1"), encode_message(ModelMessage(
+            kind="update", sender="c1", job=JOB, bundle_id=m.bundle_id, base_version=edge.version, version=1,
+            num_samples=10, local_steps=5, train_loss=float(loss), energy_j=2.0, is_delta=True, created_at=1.0,
+            update_id=msg.update_id, codec="f32", tensors=msg.tensors)))
+        edge.run_once(timeout=0)
+    pushes = edge.stats.pushes_up
+    assert 1 <= pushes < 30, pushes  # before the fix: a push every 2 absorbed updates (60)
+
+
 def _burst(m, plan):
     """(sender, delta, uid, payload) per update, in publish order."""
     out = []
