@@ -750,3 +750,41 @@ def detect_meter(spec: str = "auto", **sources: Any) -> EnergyMeter:
     `detect`'s keyword arguments (sysfs roots, PMIC runner), passed through unchanged.
     """
     return detect(spec, **sources).meter
+
+
+# --- 6. Emulated board (simulator, demos) -----------------------------------------------------
+
+
+class EmulatedMeter(EnergyMeter):
+    """Joules of a board that is not here: busy watts x step time + idle watts x waiting time +
+    radio joules per MB, each added by whoever drives the emulation (the simulator, a paced demo).
+
+    Labelled `emulated:PROFILE` and `estimated`: it is a model of another machine, never a
+    measurement. Monotonic, like every meter.
+    """
+
+    estimated = True
+
+    def __init__(self, profile: str, *, busy_watts: float, idle_watts: float) -> None:
+        if not (math.isfinite(busy_watts) and math.isfinite(idle_watts)) or not 0.0 <= idle_watts <= busy_watts:
+            raise EnergyMeterError(f"emulated {profile}: need 0 <= idle ({idle_watts} W) <= busy ({busy_watts} W)")
+        self.name = f"emulated:{profile}"
+        self.source = f"emulated {profile}: busy {busy_watts:g} W, idle {idle_watts:g} W, link J/MB"
+        self.busy_watts, self.idle_watts = busy_watts, idle_watts
+        self.busy_j = self.idle_j = self.link_j = 0.0
+        self.reserve: float | None = None  # emulated battery charge above its reserve; None = mains
+
+    def reserve_fraction(self) -> float | None:
+        return self.reserve
+
+    def add_busy(self, seconds: float) -> None:
+        self.busy_j += self.busy_watts * max(0.0, seconds)
+
+    def add_idle(self, seconds: float) -> None:
+        self.idle_j += self.idle_watts * max(0.0, seconds)
+
+    def add_link(self, joules: float) -> None:
+        self.link_j += max(0.0, joules)
+
+    def joules(self) -> float:
+        return self.busy_j + self.idle_j + self.link_j

@@ -389,6 +389,8 @@ class MarginalConfig:
     max_staleness: int = 3  # V: parent this many versions ahead of our base => our work is stale
     battery_low: float = 0.15  # below this charge, end cycles at tau_min so progress is not lost
     allow_pause: bool = False  # pausing pays only where idle power << busy power (DESIGN §5)
+    cheap_share: float = 0.1  # a sync costing <= this share of the energy its cycle trained is sent at once
+    measure_first: bool = True  # end the first cycle at tau_min: S is a guess until one sync is measured
     min_step_j: float = 1e-6  # floor for a step's joules: zero-joule steps would collapse the fit
 
     def __post_init__(self) -> None:
@@ -406,6 +408,8 @@ class MarginalConfig:
         _check(0.0 <= self.battery_low <= 1.0, "battery_low", self.battery_low, "must be in [0, 1]")
         _check(_nonneg(self.min_step_j) and self.min_step_j > 0, "min_step_j", self.min_step_j,
                "must be finite, > 0")
+        _check(_nonneg(self.cheap_share) and self.cheap_share < 1, "cheap_share", self.cheap_share,
+               "must be in [0, 1)")
 
 
 class MarginalValueScheduler(SyncScheduler):
@@ -458,6 +462,12 @@ class MarginalValueScheduler(SyncScheduler):
         self._step_s: float | None = None
         self._sync_s: float | None = None
         self._noise_var: float | None = None  # pooled residual variance of loss fits
+        # A parent model merged in mid-cycle moves the loss by a step that is not our training's
+        # doing (others' progress, or their non-IID drift): it is measured at the next step and
+        # taken out of the loss series, so neither the marginal rate nor the cycle's gain sees it.
+        self._merge_pending = False
+        self._offset = 0.0  # sum of the jumps removed so far in this cycle
+        self.merge_jumps: list[float] = []  # recent jumps, for telemetry and tests
 
     # -- events --------------------------------------------------------------------------------
 
@@ -466,6 +476,8 @@ class MarginalValueScheduler(SyncScheduler):
         joules, seconds, loss, weight = _sanitize(step, cfg.min_step_j, self._step_j)
         self._step_j = _ema(self._step_j, joules, 0.1)
         self._step_s = _ema(self._step_s, seconds, 0.1)
+        if loss is not None:
+            loss = self._remove_merge_jump(loss, joules)
         self._cycle.add(joules, seconds, loss, weight)
         self._tick()
         k = self._k
@@ -489,6 +501,11 @@ class MarginalValueScheduler(SyncScheduler):
         if self.battery is not None and self.battery < cfg.battery_low:
             return decide("sync", f"battery {self.battery:.0%} < {cfg.battery_low:.0%}: "
                                   f"flush progress at k={k}")
+        if cfg.measure_first and not self._synced_once:
+            return decide("sync", f"first cycle ends at tau_min={cfg.tau_min}: measure the sync's cost")
+        if self.sync_cost_j <= cfg.cheap_share * self._cycle.joules:
+            return decide("sync", f"cheap sync: S {_fmt(self.sync_cost_j)} J <= {cfg.cheap_share:g} x "
+                                  f"{_fmt(self._cycle.joules)} J trained since the last one, at k={k}")
         r, ucb, comp, tiny = est["marginal"], est["ucb"], est["compare"], est["tiny"]
         if r is None or comp is None:
             return decide("continue", f"collecting: {len(self._cycle.tail)} usable losses at k={k}")
@@ -501,9 +518,38 @@ class MarginalValueScheduler(SyncScheduler):
             return decide("sync", f"marginal {_fmt(r)}/J <= {which} {_fmt(comp)}/J at k={k}")
         return decide("continue", f"marginal {_fmt(r)}/J > {which} {_fmt(comp)}/J at k={k}")
 
+    def on_parent_model(self, version: int, parent_version_lag: int = 0) -> None:
+        super().on_parent_model(version, parent_version_lag)
+        self._merge_pending = True
+
+    def _remove_merge_jump(self, loss: float, joules: float) -> float:
+        """The loss as if no parent model had been merged in this cycle (see `_offset`).
+
+        The jump is the first loss after the merge minus where the fit of the points before it
+        predicted this step's loss; with too few points for a fit, the jump is taken against the
+        last loss seen. One minibatch's noise enters the offset: a fair price for not counting
+        other devices' progress (or drift) as this device's gain or loss.
+        """
+        if self._merge_pending:
+            self._merge_pending = False
+            cfg = self.config
+            end = self._cycle.end_fit(cfg.curve_t, self._noise_var or 0.0, cfg.quad_min_n)
+            if end is not None:
+                predicted = end.value + end.slope * joules
+            elif self._cycle.tail:
+                predicted = self._cycle.tail[-1][1]
+            else:
+                predicted = None
+            if predicted is not None:
+                jump = (loss - self._offset) - predicted
+                self._offset += jump
+                self.merge_jumps = (self.merge_jumps + [jump])[-20:]
+        return loss - self._offset
+
     def on_synced(self, cost_joules: float | None = None,
                   cost_seconds: float | None = None) -> None:
         cfg = self.config
+        self._offset = 0.0  # a new cycle starts from the loss as it is
         cost = _measured(cost_joules, _JOULE_LIMIT)
         if cost is not None:
             self.sync_cost_j = _ema(self.sync_cost_j, cost, cfg.cost_weight)

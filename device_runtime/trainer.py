@@ -117,7 +117,12 @@ class PortableBackend(Trainer):
 
     backend = "portable"
 
-    def __init__(self, bundle: Bundle, config: TrainerConfig = TrainerConfig()):
+    def __init__(self, bundle: Bundle, config: TrainerConfig = TrainerConfig(), *,
+                 share_session_of: "PortableBackend | None" = None):
+        """`share_session_of`: run on another trainer's ORT session (same bundle) instead of
+        opening one. The session holds the frozen weights and the graph; each trainer holds only
+        its adapter and Adam moments as OrtValues, bound per step by IOBinding. The simulator
+        runs every simulated device this way: a device costs its state, not a session."""
         from device_runtime.adapter import load_adapter, unflatten
         from device_runtime.ort_api import load_onnxruntime
 
@@ -130,11 +135,17 @@ class PortableBackend(Trainer):
         n = len(bundle.manifest.trainable)
         if len(self._inputs) != 3 * n + 5 or len(self._outputs) != 3 * n + 2:
             raise BundleError("the portable step's inputs/outputs do not match the manifest's trainables")
-        try:
-            self._session = self._ort.InferenceSession(str(bundle.path("train_step")), _session_options(config.threads),
-                                                       providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises assorted pybind exceptions for a bad model
-            raise BundleError(f"{bundle.path('train_step')} does not load: {e}") from None
+        if share_session_of is not None:
+            if share_session_of._manifest.bundle_id != bundle.manifest.bundle_id:
+                raise BundleError("a shared session must come from a trainer of the same bundle")
+            self._session = share_session_of._session
+        else:
+            try:
+                self._session = self._ort.InferenceSession(str(bundle.path("train_step")),
+                                                           _session_options(config.threads),
+                                                           providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises assorted pybind exceptions for a bad model
+                raise BundleError(f"{bundle.path('train_step')} does not load: {e}") from None
         self._n = n
         initial = load_adapter(bundle.path("initial_adapter"), bundle.manifest)
         self._params = [self._value(a) for a in unflatten(initial, bundle.manifest.trainable).values()]

@@ -174,6 +174,7 @@ class Node:
         self._uncommitted: list = []  # AggregateResults applied to the model, not yet checkpointed
         self._acks_out: dict[str, list[Ack]] = defaultdict(list)  # child -> acks sent at the next commit
         self._child_samples: dict[str, int] = {}  # child -> its latest num_samples
+        self._child_loss: dict[str, tuple[float, int]] = {}  # child -> its latest (train loss, samples)
         self._meter_last: float | None = None  # own meter reading at the last absorbed update
         self._cycle_joules = 0.0  # edge: children's reported + own joules since our last push
         self._held_model = False  # edge, synchronous rounds: a model not published while we wait for the parent
@@ -478,12 +479,20 @@ class Node:
         return max(0.0, now - last) if last is not None else 0.0
 
     def _observe_absorbed(self, result) -> None:
+        """Each absorbed update is one step of this edge's scheduler. Its loss is the
+        sample-weighted mean of every child's latest reported loss: an estimate of the loss of
+        the edge's population that one update moves a little. (Feeding each child's raw loss,
+        as before, made the edge's loss curve jump between children whose data differ (non-IID
+        children sit at different loss levels), so the rule saw noise and pushed rarely.)"""
         own = self._own_joules() / max(1, len(result.update_ids))
-        for uid in result.update_ids:
+        for uid, child in zip(result.update_ids, result.senders):
             loss, energy, samples = self._pending_meta.pop(uid, (result.mean_train_loss, 0.0, 1))
+            self._child_loss[child] = (loss, max(1, samples))
+            total = sum(n for _, n in self._child_loss.values())
+            level = sum(v * n for v, n in self._child_loss.values()) / total
             joules = energy + own
             self._cycle_joules += joules
-            decision = self.scheduler.observe(StepObservation(loss=loss, joules=joules, seconds=0.0, samples=samples))
+            decision = self.scheduler.observe(StepObservation(loss=level, joules=joules, seconds=0.0, samples=total))
             if decision.sync:
                 before = self._own_joules()
                 size = self.push_up(decision.steps_since_sync)

@@ -31,6 +31,9 @@ from device_runtime.scheduler import (
 from tomtit.errors import TomtitError
 
 L0 = 3.0  # starting loss of every synthetic cycle
+# The Charnov test alone, as the analytic checks below need it: without the first-cycle
+# measurement and the cheap-sync shortcut (both tested on their own further down).
+PURE = {"cheap_share": 0.0, "measure_first": False}
 
 # (G, T, c, S): gain curve g(k) = G(1 - exp(-k/T)), c joules per step, S joules per sync.
 # Chosen so k* spans short (< window) and long cycles and several S/(cT) ratios.
@@ -95,7 +98,7 @@ def run_cycles(sched: SyncScheduler, G: float, T: float, c: float, S: float, cyc
 
 
 def steady_interval(G: float, T: float, c: float, S: float) -> int:
-    intervals = run_cycles(MarginalValueScheduler(MarginalConfig(sync_cost_j=S)), G, T, c, S,
+    intervals = run_cycles(MarginalValueScheduler(MarginalConfig(**PURE, sync_cost_j=S)), G, T, c, S,
                            cycles=4)
     assert len(set(intervals)) == 1, intervals  # noise-free with the true S: one interval
     return intervals[-1]
@@ -116,7 +119,7 @@ def all_floats_finite(d: Decision) -> None:
 @pytest.mark.parametrize("G,T,c,S", ROWS)
 def test_marginal_syncs_at_analytic_optimum_without_noise(G, T, c, S):
     k_star = optimal_k(G, T, c, S)
-    sched = MarginalValueScheduler(MarginalConfig(sync_cost_j=S))
+    sched = MarginalValueScheduler(MarginalConfig(**PURE, sync_cost_j=S))
     intervals = run_cycles(sched, G, T, c, S, cycles=6)
     # every cycle, the first too: its bootstrap (own average incl. S) is the optimum's condition
     for k in intervals:
@@ -139,7 +142,7 @@ def test_marginal_with_small_noise_stays_near_optimum(G, T, c, S):
     """
     k_star = optimal_k(G, T, c, S)
     sigma = 0.5 * (G / T) * math.exp(-k_star / T)
-    sched = MarginalValueScheduler(MarginalConfig(sync_cost_j=S))
+    sched = MarginalValueScheduler(MarginalConfig(**PURE, sync_cost_j=S))
     intervals = run_cycles(sched, G, T, c, S, cycles=12, sigma=sigma, seed=7)[2:]
     best = average_rate(G, T, c, S, k_star)
     achieved = np.mean([average_rate(G, T, c, S, k) for k in intervals])
@@ -161,14 +164,14 @@ def test_wrong_prior_sync_cost_is_outgrown():
     """Configured S = 1 J, real syncs cost 40 J: measured costs and R take over."""
     G, T, c, S = 1.0, 20.0, 1.0, 40.0
     k_star = optimal_k(G, T, c, S)
-    intervals = run_cycles(MarginalValueScheduler(MarginalConfig(sync_cost_j=1.0)), G, T, c, S,
+    intervals = run_cycles(MarginalValueScheduler(MarginalConfig(**PURE, sync_cost_j=1.0)), G, T, c, S,
                            cycles=30)
     assert intervals[0] < k_star - 5  # the first cycle believed syncs were cheap
     assert all(abs(k - round(k_star)) <= 1 for k in intervals[-5:]), (k_star, intervals)
 
 
 def test_marginal_sync_reason_is_readable():
-    sched = MarginalValueScheduler(MarginalConfig(sync_cost_j=10.0))
+    sched = MarginalValueScheduler(MarginalConfig(**PURE, sync_cost_j=10.0))
     run_cycles(sched, 1.0, 20.0, 1.0, 10.0, cycles=2)
     d = None
     for k in range(1, 100):
@@ -182,7 +185,7 @@ def test_marginal_sync_reason_is_readable():
 
 
 def test_sync_cost_is_learned_by_ema_of_measured_costs():
-    sched = MarginalValueScheduler(MarginalConfig(sync_cost_j=5.0, cost_weight=0.5))
+    sched = MarginalValueScheduler(MarginalConfig(**PURE, sync_cost_j=5.0, cost_weight=0.5))
     expected = 5.0
     for cost in (9.0, 1.0, 4.0):
         for k in range(1, 6):
@@ -200,7 +203,7 @@ def test_sync_cost_is_learned_by_ema_of_measured_costs():
 
 def warmed_marginal(**cfg) -> tuple[MarginalValueScheduler, int]:
     """A scheduler settled on the (1, 20, 1, 10) curve, and its undisturbed interval."""
-    config = MarginalConfig(sync_cost_j=10.0, **cfg)
+    config = MarginalConfig(**{**PURE, "sync_cost_j": 10.0, **cfg})
     sched = MarginalValueScheduler(config)
     intervals = run_cycles(sched, 1.0, 20.0, 1.0, 10.0, cycles=3)
     return sched, intervals[-1]
@@ -225,6 +228,23 @@ def test_staleness_beyond_v_syncs_sooner():
     sched, k0 = warmed_marginal(max_staleness=3)
     k, d = interval_with(sched, {7: lambda s: s.on_parent_model(12, parent_version_lag=4)})
     assert k == 7 < k0 and "versions ahead" in d.reason
+
+
+def test_a_merge_jump_is_not_counted_as_gain_or_loss():
+    """A parent model merged mid-cycle moves the loss (others' progress, non-IID drift); the
+    rule must measure its own training, so the jump is taken out and the interval matches an
+    undisturbed cycle's within a step, whether the jump is up or down."""
+    for jump in (+0.8, -0.8):
+        sched, k0 = warmed_marginal()
+        for k in range(1, 500):
+            if k == 8:
+                sched.on_parent_model(99)
+            shift = jump if k >= 8 else 0.0
+            d = sched.observe(step(L0 - gain(1.0, 20.0, k) + shift))
+            if d.sync:
+                break
+        assert abs(k - k0) <= 1, (jump, k, k0)
+        assert sched.merge_jumps[-1] == pytest.approx(jump, abs=0.05)
 
 
 def test_staleness_lasts_one_cycle_only():
@@ -254,7 +274,11 @@ def test_staleness_lasts_one_cycle_only():
 
 
 def test_staleness_within_v_changes_nothing():
-    sched, k0 = warmed_marginal(max_staleness=3)
+    # Compared with the same parent model arriving with lag 0 (a merge mid-cycle is itself
+    # noticed: its loss jump is taken out of the series), a lag within V changes nothing.
+    sched, _ = warmed_marginal(max_staleness=3)
+    k0, _ = interval_with(sched, {7: lambda s: s.on_parent_model(12, parent_version_lag=0)})
+    sched, _ = warmed_marginal(max_staleness=3)
     k, _ = interval_with(sched, {7: lambda s: s.on_parent_model(12, parent_version_lag=3)})
     assert k == k0
 
@@ -299,7 +323,7 @@ def test_deadline_later_than_the_rule_changes_nothing():
 def test_tau_clamps(curve, tau_min, tau_max, expected):
     loss = {"flat": lambda k: 2.0, "rising": lambda k: 2.0 + 0.01 * k,
             "steady": lambda k: 2.0 - 0.01 * k}[curve]
-    sched = MarginalValueScheduler(MarginalConfig(tau_min=tau_min, tau_max=tau_max))
+    sched = MarginalValueScheduler(MarginalConfig(**PURE, tau_min=tau_min, tau_max=tau_max))
     for _ in range(3):
         for k in range(1, 1000):
             d = sched.observe(step(loss(k)))
@@ -311,7 +335,7 @@ def test_tau_clamps(curve, tau_min, tau_max, expected):
 
 def test_pause_only_when_allowed_synced_and_nothing_is_gained():
     for allow in (False, True):
-        sched = MarginalValueScheduler(MarginalConfig(allow_pause=allow, tau_min=5))
+        sched = MarginalValueScheduler(MarginalConfig(**PURE, allow_pause=allow, tau_min=5))
         interval_with(sched, {})  # a first cycle, synced
         sched.on_synced(5.0)
         # after our sync the local loss only rises: training burns energy for nothing
@@ -352,8 +376,8 @@ def _degenerate_streams() -> dict[str, list[tuple[float, float, float, float]]]:
 
 
 SCHEDULERS = {
-    "marginal": lambda: MarginalValueScheduler(MarginalConfig(allow_pause=True)),
-    "marginal-z0": lambda: MarginalValueScheduler(MarginalConfig(z=0.0, tau_min=1)),
+    "marginal": lambda: MarginalValueScheduler(MarginalConfig(**PURE, allow_pause=True)),
+    "marginal-z0": lambda: MarginalValueScheduler(MarginalConfig(**PURE, z=0.0, tau_min=1)),
     "fixed": lambda: FixedScheduler(7),
     "adaptive": lambda: AdaptiveScheduler(AdaptiveConfig(tau_init=4, tau_max=30)),
 }
@@ -396,7 +420,7 @@ def test_degenerate_inputs_give_finite_decisions(kind, stream):
     lag=st.integers(min_value=-3, max_value=10),
 )
 def test_any_inputs_give_finite_decisions(steps, cost, battery, lag):
-    for make in (lambda: MarginalValueScheduler(MarginalConfig(tau_min=2, tau_max=15,
+    for make in (lambda: MarginalValueScheduler(MarginalConfig(**PURE, tau_min=2, tau_max=15,
                                                                allow_pause=True)),
                  lambda: AdaptiveScheduler(AdaptiveConfig(tau_init=3, tau_max=10))):
         sched = make()
@@ -553,3 +577,37 @@ def test_make_scheduler_rejects_with_the_bad_part_named(spec, kwargs, names):
 def test_scheduler_interface_is_abstract():
     with pytest.raises(TypeError):
         SyncScheduler()  # type: ignore[abstract]
+
+
+def test_the_first_cycle_ends_at_tau_min_to_measure_the_sync_cost():
+    sched2 = MarginalValueScheduler(MarginalConfig(tau_min=4, sync_cost_j=1e6))
+    d = None
+    for k in range(1, 5):
+        d = sched2.observe(step(L0 - gain(1.0, 20.0, k)))
+    assert d.sync and "measure" in d.reason
+
+
+@pytest.mark.parametrize("S,c,share,expect_k", [
+    (0.05, 1.0, 0.1, 5),  # a Wi-Fi-cheap sync (0.05 J vs 1 J steps): at tau_min
+    (3.0, 1.0, 0.1, 30),  # S <= 0.1 x e_k first holds at e_k = 30 J
+    (3.0, 0.5, 0.1, 60),
+])
+def test_a_cheap_sync_is_sent_once_it_costs_at_most_a_share_of_the_training_it_ships(S, c, share, expect_k):
+    # A straight decline: its marginal rate never falls to the cycle's average (which S keeps
+    # below it), so only the cheap-sync rule can end the cycle.
+    sched = MarginalValueScheduler(MarginalConfig(tau_min=5, tau_max=500, sync_cost_j=S, cheap_share=share,
+                                                  measure_first=False, cost_weight=1.0))
+    for k in range(1, 500):
+        d = sched.observe(step(3.0 - 0.01 * k * c, joules=c))
+        if d.sync:
+            break
+    assert k == max(5, math.ceil(S / (share * c) - 1e-9)) == expect_k, (k, d.reason)
+    assert "cheap sync" in d.reason or k == 5
+
+
+def test_an_expensive_sync_leaves_the_decision_to_the_marginal_rule():
+    sched = MarginalValueScheduler(MarginalConfig(sync_cost_j=10.0, measure_first=False))
+    k0 = next(k for k in range(1, 500) if sched.observe(step(L0 - gain(1.0, 20.0, k))).sync)
+    pure = MarginalValueScheduler(MarginalConfig(sync_cost_j=10.0, **PURE))
+    k1 = next(k for k in range(1, 500) if pure.observe(step(L0 - gain(1.0, 20.0, k))).sync)
+    assert k0 == k1  # 0.1 x e_k < S until long after the rule's own optimum

@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "node": ("tomtit.cli.node_cmd", "edge/cloud: run an aggregating node over MQTT"),
     "broker": ("tomtit.cli.broker_cmd", "run an MQTT broker (embedded or Mosquitto)"),
     "demo": ("tomtit.cli.demo_cmd", "one command: export, split, broker, cloud, edges, devices"),
+    "simulate": ("tomtit.cli.simulate_cmd", "virtual-clock testbed: autonomous sync vs fixed schedules, real steps"),
 }
 
 

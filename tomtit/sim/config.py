@@ -1,0 +1,268 @@
+"""Scenarios and profiles for `tomtit simulate`: typed, frozen, validated with one clear error.
+
+A scenario is a TOML file (see `tomtit/sim/scenarios/`); every key is checked, an unknown key or
+an impossible value raises `ScenarioError` naming the field. Profiles (boards and links) come
+from `profiles.toml`, shipped with the package, each figure with its source.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tomtit.errors import TomtitError
+
+SCENARIO_DIR = Path(__file__).with_name("scenarios")
+EVENT_KINDS = ("leave", "join", "battery", "link")
+
+
+class ScenarioError(TomtitError, ValueError):
+    """A scenario or profile that cannot be run; the message names the bad field."""
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    step_factor: float  # step time / the reference step
+    busy_w: float  # whole board, training
+    idle_w: float  # whole board, waiting
+    source: str
+    agg_s_per_update: float = 0.0  # aggregators only: CPU seconds per absorbed update
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    up_mbps: float
+    down_mbps: float
+    j_per_mb_up: float
+    j_per_mb_down: float
+    latency_s: float
+    source: str
+
+    def up_s(self, nbytes: int) -> float:
+        return nbytes * 8 / (self.up_mbps * 1e6)
+
+    def down_s(self, nbytes: int) -> float:
+        return nbytes * 8 / (self.down_mbps * 1e6)
+
+
+@dataclass(frozen=True)
+class Profiles:
+    boards: dict[str, Board]
+    links: dict[str, Link]
+
+
+def load_profiles(path: Path | None = None) -> Profiles:
+    text = path.read_text() if path else resources.files("tomtit.sim").joinpath("profiles.toml").read_text()
+    raw = tomllib.loads(text)
+    boards, links = {}, {}
+    for name, b in raw.get("boards", {}).items():
+        boards[name] = Board(name=name, step_factor=_pos(b, "step_factor", f"boards.{name}"),
+                             busy_w=_pos(b, "busy_w", f"boards.{name}"), idle_w=_nonneg(b, "idle_w", f"boards.{name}"),
+                             source=str(b.get("source", "")), agg_s_per_update=float(b.get("agg_s_per_update", 0.0)))
+    for name, li in raw.get("links", {}).items():
+        w = f"links.{name}"
+        links[name] = Link(name=name, up_mbps=_pos(li, "up_mbps", w), down_mbps=_pos(li, "down_mbps", w),
+                           j_per_mb_up=_nonneg(li, "j_per_mb_up", w), j_per_mb_down=_nonneg(li, "j_per_mb_down", w),
+                           latency_s=_nonneg(li, "latency_s", w), source=str(li.get("source", "")))
+    return Profiles(boards, links)
+
+
+def _num(d: dict, key: str, where: str) -> float:
+    if key not in d:
+        raise ScenarioError(f"{where}.{key} is missing")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ScenarioError(f"{where}.{key} = {v!r} is not a finite number")
+    return float(v)
+
+
+def _pos(d: dict, key: str, where: str) -> float:
+    v = _num(d, key, where)
+    if v <= 0:
+        raise ScenarioError(f"{where}.{key} = {v!r} must be > 0")
+    return v
+
+
+def _nonneg(d: dict, key: str, where: str) -> float:
+    v = _num(d, key, where)
+    if v < 0:
+        raise ScenarioError(f"{where}.{key} = {v!r} must be >= 0")
+    return v
+
+
+def parse_mix(spec: str, known: dict[str, Any], what: str) -> tuple[str, ...]:
+    """`pi4:2,pi5:1` -> ("pi4", "pi4", "pi5"): a pattern dealt over the devices in order."""
+    out: list[str] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, count = part.partition(":")
+        name = name.strip()
+        if name not in known:
+            raise ScenarioError(f"{what}: unknown profile {name!r} (known: {', '.join(sorted(known))})")
+        try:
+            n = int(count) if count else 1
+        except ValueError:
+            raise ScenarioError(f"{what}: count {count!r} of {name!r} is not an integer") from None
+        if n < 1:
+            raise ScenarioError(f"{what}: count of {name!r} must be >= 1")
+        out.extend([name] * n)
+    if not out:
+        raise ScenarioError(f"{what} is empty")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Event:
+    t: float  # virtual seconds from the start
+    kind: str  # leave | join | battery | link
+    device: str  # device id, e.g. "d03"
+    value: str | float | None = None  # battery: charge above reserve (0..1); link: a link profile
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    devices: int = 8  # simulated devices in all
+    edges: int = 2  # devices are dealt to edges in contiguous blocks
+    boards: str = "pi4:2,pi5:1,orin-nano:1"  # board mix, a pattern dealt over devices in order
+    links: str = "wifi"  # link mix, likewise
+    edge_link: str = "backhaul"  # edge <-> cloud
+    alpha: float = 0.5  # Dirichlet label skew (0.1 strong, 100 ~ IID)
+    test_fraction: float = 0.2  # held-out share of the data (stratified)
+    eval_examples: int = 300  # held-out examples the cloud scores each global model on
+    target_fraction: float = 0.95  # target accuracy = this x centralised fine-tuning's accuracy
+    central_steps: int = 300  # steps of the centralised reference run (its best evaluation is used)
+    batch: int = 8  # examples per local step
+    lr: float = 1e-3  # AdamW learning rate on every device
+    reference_step_s: float = 0.065  # one step on the reference core (profiles.toml explains)
+    max_virtual_s: float = 7200.0  # a run that has not reached the target by then stops there
+    max_device_steps: int = 4000  # compute cap: real training steps per run, all devices together
+    seeds: int = 3  # default number of seeds
+    events: tuple[Event, ...] = field(default_factory=tuple)
+
+    def check(self, profiles: Profiles) -> "Scenario":
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ScenarioError(f"scenario {self.name!r}: {name} = {getattr(self, name)!r} {why}")
+
+        need(self.devices >= 1, "devices", "must be >= 1")
+        need(1 <= self.edges <= self.devices, "edges", f"must be in [1, devices={self.devices}]")
+        need(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "must be > 0")
+        need(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+        need(self.eval_examples >= 10, "eval_examples", "must be >= 10")
+        need(0 < self.target_fraction <= 1, "target_fraction", "must be in (0, 1]")
+        need(self.central_steps >= 10, "central_steps", "must be >= 10")
+        need(self.batch >= 1, "batch", "must be >= 1")
+        need(0 < self.lr < 1, "lr", "must be in (0, 1)")
+        need(self.reference_step_s > 0, "reference_step_s", "must be > 0")
+        need(self.max_virtual_s > 0, "max_virtual_s", "must be > 0")
+        need(self.max_device_steps >= 1, "max_device_steps", "must be >= 1")
+        need(self.seeds >= 1, "seeds", "must be >= 1")
+        parse_mix(self.boards, profiles.boards, f"scenario {self.name!r}: boards")
+        parse_mix(self.links, profiles.links, f"scenario {self.name!r}: links")
+        if self.edge_link not in profiles.links:
+            raise ScenarioError(f"scenario {self.name!r}: edge_link {self.edge_link!r} is not a link profile")
+        ids = set(self.device_ids())
+        for i, e in enumerate(self.events):
+            where = f"scenario {self.name!r}: events[{i}]"
+            if e.kind not in EVENT_KINDS:
+                raise ScenarioError(f"{where}.kind = {e.kind!r}: choose {', '.join(EVENT_KINDS)}")
+            if e.device not in ids:
+                raise ScenarioError(f"{where}.device = {e.device!r} is not one of d00..d{self.devices - 1:02d}")
+            if not (e.t >= 0 and math.isfinite(e.t)):
+                raise ScenarioError(f"{where}.t = {e.t!r} must be >= 0")
+            if e.kind == "battery" and not (isinstance(e.value, (int, float)) and 0 <= e.value <= 1):
+                raise ScenarioError(f"{where}.value = {e.value!r}: a battery event needs a charge in [0, 1]")
+            if e.kind == "link" and e.value not in profiles.links:
+                raise ScenarioError(f"{where}.value = {e.value!r}: a link event needs a link profile")
+        return self
+
+    def device_ids(self) -> list[str]:
+        return [f"d{i:02d}" for i in range(self.devices)]
+
+    def edge_of(self, i: int) -> int:
+        return i * self.edges // self.devices
+
+    def board_of(self, i: int, profiles: Profiles) -> Board:
+        pattern = parse_mix(self.boards, profiles.boards, "boards")
+        return profiles.boards[pattern[i % len(pattern)]]
+
+    def link_of(self, i: int, profiles: Profiles) -> Link:
+        pattern = parse_mix(self.links, profiles.links, "links")
+        return profiles.links[pattern[i % len(pattern)]]
+
+
+_FIELDS = {f.name: f for f in fields(Scenario)}
+
+
+def scenario_from_dict(raw: dict[str, Any], name: str) -> Scenario:
+    raw = dict(raw)
+    events_raw = raw.pop("events", [])
+    unknown = sorted(set(raw) - set(_FIELDS) - {"description"})
+    if unknown:
+        raise ScenarioError(f"scenario {name!r}: unknown key {unknown[0]!r} (known: {', '.join(_FIELDS)})")
+    raw.pop("description", None)
+    values: dict[str, Any] = {"name": raw.pop("name", name)}
+    for key, v in raw.items():
+        default = _FIELDS[key].default
+        if isinstance(default, bool) or isinstance(default, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ScenarioError(f"scenario {name!r}: {key} = {v!r} is not a number")
+            if isinstance(default, int) and not isinstance(default, bool):
+                if isinstance(v, float) and not v.is_integer():
+                    raise ScenarioError(f"scenario {name!r}: {key} = {v!r} is not an integer")
+                v = int(v)
+            else:
+                v = float(v)
+        elif isinstance(default, str) and not isinstance(v, str):
+            raise ScenarioError(f"scenario {name!r}: {key} = {v!r} is not a string")
+        values[key] = v
+    if not isinstance(events_raw, list):
+        raise ScenarioError(f"scenario {name!r}: events must be an array of tables")
+    events = []
+    for i, e in enumerate(events_raw):
+        if not isinstance(e, dict):
+            raise ScenarioError(f"scenario {name!r}: events[{i}] is not a table")
+        extra = sorted(set(e) - {"t", "kind", "device", "value"})
+        if extra:
+            raise ScenarioError(f"scenario {name!r}: events[{i}] has unknown key {extra[0]!r}")
+        for k in ("t", "kind", "device"):
+            if k not in e:
+                raise ScenarioError(f"scenario {name!r}: events[{i}].{k} is missing")
+        if isinstance(e["t"], bool) or not isinstance(e["t"], (int, float)):
+            raise ScenarioError(f"scenario {name!r}: events[{i}].t = {e['t']!r} is not a number")
+        events.append(Event(t=float(e["t"]), kind=str(e["kind"]), device=str(e["device"]), value=e.get("value")))
+    values["events"] = tuple(events)
+    return Scenario(**values)
+
+
+def shipped_scenarios() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def load_scenario(spec: str, profiles: Profiles, **overrides: Any) -> Scenario:
+    """A shipped scenario by name, or a TOML file by path; `overrides` (non-None) replace fields."""
+    path = Path(spec)
+    if not path.suffix:
+        path = SCENARIO_DIR / f"{spec}.toml"
+        if not path.is_file():
+            raise ScenarioError(f"no scenario {spec!r}: shipped ones are {', '.join(shipped_scenarios())}, "
+                                f"or give a .toml file")
+    elif not path.is_file():
+        raise ScenarioError(f"scenario file {spec} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"scenario {path}: not valid TOML: {e}") from None
+    sc = scenario_from_dict(raw, path.stem)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if changes:
+        sc = replace(sc, **changes)
+    return sc.check(profiles)
