@@ -309,7 +309,9 @@ def test_marginal_rule_inside_an_edge_that_joins_10_versions_late(tmp_path):
     edge = Node(NodeConfig(node_id="edge1", parent="cloud", job=JOB), manifest=m,
                 initial_adapter=np.zeros(SIZE, np.float32), buffer=make_strategy("fedbuff", k_updates=1),
                 transport=broker.client("edge1"), state_dir=tmp_path / "edge1",
-                scheduler=make_scheduler("marginal:tau_min=2,tau_max=40,sync_cost_j=5"), clock=Clock())
+                scheduler=make_scheduler("marginal:tau_min=2,tau_max=40,sync_cost_j=5,cheap_share=0,measure_first=no"), clock=Clock())
+    # The Charnov test alone (cheap_share=0, measure_first=no): here a sync is nearly free, and the
+    # cheap-sync rule would end every cycle at tau_min and hide the staleness bug.
     cloud = broker.client("cloud")
     cloud.publish(T.down("cloud"), _model_msg(m, 10, 0.0), retain=True)  # the cloud is at v10, then quiet
     edge.run_once(timeout=0)
