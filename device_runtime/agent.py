@@ -169,8 +169,8 @@ class DeviceAgent:
                 return
         try:
             counters = {k: int(meta.get(k, 0)) for k in ("base_version", "steps", "syncs")}
-            accounted = set(json.loads(meta["accounted"])) if "accounted" in meta else None
-        except (ValueError, TypeError) as e:
+            accounted = set(json.loads(meta["accounted"]))
+        except (ValueError, TypeError, KeyError) as e:
             log.error("cannot resume from %s (bad counters: %s): starting from the bundle's adapter", self.state_dir, e)
             return
         # An update staged just before a crash, with the state not saved after it, is still sent:

@@ -90,11 +90,8 @@ def staged_delta(outbox: Outbox, update_id: str, manifest: Manifest) -> np.ndarr
     return flatten(dict(received.tensors), manifest.trainable)
 
 
-def unaccounted_deltas(outbox: Outbox, accounted: set[str] | None, manifest: Manifest) -> list[np.ndarray]:
-    """Deltas of staged updates the saved state does not account for (None: a state written
-    before this was recorded, taken to account for everything)."""
-    if accounted is None:
-        return []
+def unaccounted_deltas(outbox: Outbox, accounted: set[str], manifest: Manifest) -> list[np.ndarray]:
+    """Deltas of staged updates the saved state does not account for."""
     out = []
     for uid in outbox.ids():
         if uid not in accounted:
@@ -213,7 +210,7 @@ class Uplink:
         return news
 
     # -- resume ----------------------------------------------------------------------------
-    def resume(self, reference: np.ndarray, base_version: int, accounted: set[str] | None) -> int:
+    def resume(self, reference: np.ndarray, base_version: int, accounted: set[str]) -> int:
         """Restore from saved state; staged updates the state does not account for are added to
         the reference now, as `send` would have. Returns how many there were."""
         late = unaccounted_deltas(self.outbox, accounted, self.manifest)

@@ -31,8 +31,8 @@ class NodeCheckpoint:
     # update_id -> the base_version its sender reported, for every applied update a re-send of
     # which would not be refused as stale anyway (see Node.prune_seen): exactly-once across restarts
     seen: Mapping[str, int]
-    # edge: staged upward pushes already added to `pushed` (None: written before this was kept)
-    accounted: tuple[str, ...] | None = ()
+    # edge: staged upward pushes already added to `pushed`
+    accounted: tuple[str, ...] = ()
     # highest staleness horizon ever used to prune `seen` (Node.prune_seen)
     seen_horizon: int = 0
 
@@ -48,14 +48,7 @@ def save_checkpoint(state_dir: Path, manifest: Manifest, ck: NodeCheckpoint) -> 
     atomic_write_bytes(Path(state_dir) / CHECKPOINT_FILE, data)
 
 
-# A checkpoint written before seen ids carried their base_version (a plain list): keep those
-# ids for good, since when a re-send of one would count as stale cannot be known.
-_KEEP_FOREVER = 2**62
-
-
 def _seen(value: object) -> dict[str, int]:
-    if isinstance(value, list) and all(isinstance(u, str) for u in value):
-        return dict.fromkeys(value, _KEEP_FOREVER)
     if isinstance(value, dict) and all(isinstance(u, str) and type(b) is int for u, b in value.items()):
         return value
     raise ValueError("its seen update ids are malformed")
@@ -81,8 +74,8 @@ def load_checkpoint(state_dir: Path, manifest: Manifest) -> NodeCheckpoint | Non
         return NodeCheckpoint(model=model.astype(np.float32), pushed=pushed.astype(np.float32),
                               version=int(meta["version"]), parent_version=int(meta["parent_version"]),
                               seen=_seen(json.loads(meta["seen"])),
-                              accounted=tuple(json.loads(meta["accounted"])) if "accounted" in meta else None,
-                              seen_horizon=int(meta.get("seen_horizon", 0)))
+                              accounted=tuple(json.loads(meta["accounted"])),
+                              seen_horizon=int(meta["seen_horizon"]))
     except (SafetensorError, ValueError, KeyError, OSError) as e:
         # Refuse to silently start over: that would re-apply updates already acknowledged.
         from tomtit.errors import TomtitError

@@ -61,6 +61,7 @@ from tomtit.wire import (
     ModelMessage,
     Presence,
     Reassembler,
+    RunConfig,
     Topics,
     WireError,
     decode_presence,
@@ -69,6 +70,7 @@ from tomtit.wire import (
     encode_error,
     encode_message,
     encode_presence,
+    encode_run_config,
     encode_telemetry,
     is_chunk,
     new_update_id,
@@ -132,8 +134,10 @@ class Node:
         scheduler: SyncScheduler | None = None,
         observers: Sequence[ModelObserver] = (),
         meter: EnergyMeter | None = None,
+        run_config: RunConfig | None = None,
         clock: Callable[[], float] = time.time,
     ):
+        """`run_config`: the cloud publishes it, retained, on tomtit/{job}/run at every connect."""
         if config.parent is not None and scheduler is None:
             raise ValueError("an edge node (with a parent) needs a sync scheduler")
         self.cfg = config
@@ -143,6 +147,7 @@ class Node:
         self.scheduler = scheduler
         self.observers = tuple(observers)
         self.meter = meter
+        self.run_config = run_config
         self.clock = clock
         self.topics = Topics(config.job)
         self.state_dir = Path(state_dir)
@@ -205,7 +210,7 @@ class Node:
         self.seen = dict(ck.seen)
         self.seen_horizon = ck.seen_horizon
         if self.uplink is not None:  # a push staged just before a crash: the uplink accounts for it now
-            self.uplink.resume(ck.pushed, ck.parent_version, None if ck.accounted is None else set(ck.accounted))
+            self.uplink.resume(ck.pushed, ck.parent_version, set(ck.accounted))
         log.info("resumed from checkpoint: version %d, %d update ids seen", self.version, len(self.seen))
 
     def checkpoint(self) -> None:
@@ -267,6 +272,8 @@ class Node:
             if self.uplink is not None:
                 self.uplink.subscribe(self.transport)
                 self.uplink.outbox.reset_timers()
+            if self.run_config is not None:
+                self._publish(t.run(), encode_run_config(self.run_config), retain=True)
             self._publish(t.status(c.node_id), self.presence("finished" if self.finished else "online"), retain=True)
             self.publish_model()
         self._was_connected = now
@@ -291,6 +298,8 @@ class Node:
                 log.warning("ignored a malformed ack: %s", e)
         elif _parses(t.parse_status, topic):
             self._on_presence(topic, payload)
+        elif topic == t.run():
+            pass  # the run configuration: read once at start (tomtit node run)
         else:
             log.warning("ignored a message on %s", topic)
 

@@ -34,21 +34,23 @@ def test_hierarchical_federation_end_to_end(tmp_path, mosquitto, small_bbc_bundl
     logs.mkdir()
     procs = {}
     cloud_summary = tmp_path / "cloud.json"
+    # The schedulers reach edges and devices through the run configuration the cloud publishes.
     procs["cloud"] = spawn_tomtit(["node", "run", "--id", "cloud", *common, "--strategy", "fedbuff", "--k", "2",
-                                   "--eval-data", str(split / "test.jsonl"), "--target-accuracy", "0.75",
+                                   "--device-scheduler", "marginal:tau_min=5,tau_max=25",
+                                   "--edge-scheduler", "marginal:tau_min=2,tau_max=6", "--eval-data", str(split / "test.jsonl"), "--target-accuracy", "0.75",
                                    "--max-minutes", "6", "--state-dir", str(tmp_path / "s-cloud"),
                                    "--summary", str(cloud_summary)], logs / "cloud.log")
     edge_args = {}
     for e in ("edge1", "edge2"):
         edge_args[e] = ["node", "run", "--id", e, "--parent", "cloud", *common, "--strategy", "fedbuff", "--k", "2",
-                        "--max-wait", "20", "--scheduler", "marginal:tau_min=2,tau_max=6",
+                        "--max-wait", "20",
                         "--state-dir", str(tmp_path / f"s-{e}"), "--summary", str(tmp_path / f"{e}.json")]
         procs[e] = spawn_tomtit(edge_args[e], logs / f"{e}.log")
     for i in range(4):
         edge = "edge1" if i < 2 else "edge2"
         procs[f"dev{i}"] = spawn_tomtit(
             ["device", "run", "--id", f"dev{i}", "--parent", edge, *common, "--data", str(split / f"device-0{i}.jsonl"),
-             "--scheduler", "marginal:tau_min=5,tau_max=25", "--lr", "2e-3", "--energy", "model:rpi4",
+             "--lr", "2e-3", "--energy", "model:rpi4",
              # half the devices train on the portable step graph, half on ORT's training API
              "--backend", "portable" if i % 2 == 0 else "ort-training",
              "--state-dir", str(tmp_path / f"s-dev{i}"), "--summary", str(tmp_path / f"dev{i}.json")],
@@ -93,6 +95,8 @@ def test_hierarchical_federation_end_to_end(tmp_path, mosquitto, small_bbc_bundl
     t2 = [t for t, _ in arrivals["edge2"]]
     assert t1 != t2 and len(t1) >= 2 and len(t2) >= 2  # each edge chose its own moments
     assert "resumed from checkpoint" in (logs / "edge1.log").read_text()
+    assert "run configuration from the cloud: edge scheduler marginal:tau_min=2,tau_max=6" in (logs / "edge2.log").read_text()
+    assert "tau in [5, 25]" in (logs / "dev0.log").read_text()  # the device scheduler the cloud published
     for i in range(4):
         dev = _summary(tmp_path / f"dev{i}.json")
         assert dev["stop_reason"] == "parent finished" and dev["syncs"] >= 1

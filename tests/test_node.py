@@ -452,27 +452,25 @@ def test_a_reported_base_ahead_of_the_node_is_remembered_as_reported(tmp_path):
     assert [(a.update_id, a.status) for a in acks(drain(c1))] == [(uid, "duplicate")]
 
 
-def test_checkpoint_from_before_base_versions_keeps_its_ids(tmp_path):
-    """Checkpoints written with seen ids as a plain list still load; those ids are never pruned."""
+def test_a_checkpoint_with_malformed_seen_ids_is_refused_not_reset(tmp_path):
+    """Starting over would re-apply updates already acknowledged: an unreadable seen-set stops the node."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
     from edge_broker.checkpoint import CHECKPOINT_FILE
+    from tomtit.errors import TomtitError
 
     broker = MemoryBroker()
     node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1)
     node.checkpoint()
     path = tmp_path / "cloud" / CHECKPOINT_FILE
-    from safetensors import safe_open
     with safe_open(str(path), "np") as f:
         meta = dict(f.metadata())
-    meta["seen"] = json.dumps(["a" * 32, "b" * 32])
+    meta["seen"] = json.dumps(["a" * 32, "b" * 32])  # a list, not id -> base_version
     save_file(load_file(str(path)), str(path), metadata=meta)
     node.transport.crash()
-    node2, _ = make_node(tmp_path, broker, strategy="fedbuff", children=1)
-    assert set(node2.seen) == {"a" * 32, "b" * 32}
-    node2.version = 10**6
-    node2.prune_seen()
-    assert set(node2.seen) == {"a" * 32, "b" * 32}
+    with pytest.raises(TomtitError, match="seen update ids"):
+        make_node(tmp_path, broker, strategy="fedbuff", children=1)
 
 
 def test_a_failed_checkpoint_sends_no_ack_even_at_shutdown(tmp_path):
@@ -539,3 +537,21 @@ def test_pruned_ids_stay_refused_after_a_restart_with_a_larger_staleness_bound(t
     node2.run_once(timeout=0)
     np.testing.assert_array_equal(node2.model, model)
     assert [(a.update_id, a.status, a.reason) for a in acks(drain(c1))] == [(first_uid, "rejected", "stale")]
+
+
+def test_the_cloud_publishes_the_run_configuration_retained(tmp_path):
+    from tomtit.wire import RunConfig, decode_run_config
+
+    broker = MemoryBroker()
+    m = synthetic_manifest()
+    cfg = RunConfig(job=JOB, bundle_id=m.bundle_id, up_codec="int8", device_scheduler="fixed:7",
+                    edge_scheduler="marginal", k_updates=2, max_wait_s=5.0, max_staleness=4, staleness_exponent=0.5,
+                    target_accuracy=0.9, deadline_s=None, created_at=1.0)
+    cloud = Node(NodeConfig(node_id="cloud", job=JOB), manifest=m, initial_adapter=np.zeros(SIZE, np.float32),
+                 buffer=make_strategy("fedbuff", k_updates=2), transport=broker.client("cloud"),
+                 state_dir=tmp_path / "cloud", run_config=cfg, clock=Clock())
+    cloud.run_once(timeout=0)
+    late = broker.client("late-child")
+    late.subscribe(T.run())  # a child that connects later still gets it (retained)
+    got = decode_run_config(late.get(0).payload)
+    assert got == cfg

@@ -112,21 +112,23 @@ def run(args: argparse.Namespace) -> int:
     state = out / "state" / f"{args.job}-{int(time.time())}"
     common = ["--bundle", str(bundle), "--broker", url, "--job", args.job]
     per_edge = -(-args.devices // args.edges)
+    # The cloud publishes the run's configuration (schedulers, K, codec); edges and devices take it.
     procs["cloud"] = _tomtit(["node", "run", "--id", "cloud", *common, "--strategy", args.strategy,
-                              "--k", str(min(2, args.edges)), "--eval-data", str(split / "test.jsonl"),
+                              "--k", "2", "--device-scheduler", args.scheduler, "--edge-scheduler", args.edge_scheduler,
+                              "--eval-data", str(split / "test.jsonl"),
                               "--target-accuracy", str(args.target_accuracy), "--max-minutes", str(args.max_minutes),
                               "--state-dir", str(state / "cloud"), "--summary", str(out / "cloud.json")],
                              logs / "cloud.log")
     for e in range(args.edges):
         procs[f"edge{e}"] = _tomtit(["node", "run", "--id", f"edge{e}", "--parent", "cloud", *common,
-                                     "--strategy", args.strategy, "--k", str(min(2, per_edge)), "--max-wait", "30",
-                                     "--scheduler", args.edge_scheduler, "--state-dir", str(state / f"edge{e}"),
+                                     "--strategy", args.strategy, "--children", str(per_edge), "--max-wait", "30",
+                                     "--state-dir", str(state / f"edge{e}"),
                                      "--summary", str(out / f"edge{e}.json")], logs / f"edge{e}.log")
     width = max(2, len(str(args.devices - 1)))
     for d in range(args.devices):
         name = f"dev{d:0{width}d}"
         procs[name] = _tomtit(["device", "run", "--id", name, "--parent", f"edge{d // per_edge}", *common,
-                               "--data", str(split / f"device-{d:0{width}d}.jsonl"), "--scheduler", args.scheduler,
+                               "--data", str(split / f"device-{d:0{width}d}.jsonl"),
                                "--lr", str(args.lr), "--state-dir", str(state / name),
                                "--summary", str(out / f"{name}.json")], logs / f"{name}.log")
     say(f"[4/4] running cloud + {args.edges} edges + {args.devices} devices "

@@ -18,9 +18,12 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--parent", required=True, help="id of the node (edge) to sync with")
     r.add_argument("--id", required=True, help="this device's id (unique in the job)")
     add_broker_args(r)
-    r.add_argument("--scheduler", default="marginal", help="marginal | fixed:10 | adaptive (options: marginal:tau_max=40)")
+    r.add_argument("--scheduler", help="marginal | fixed:10 | adaptive (options: marginal:tau_max=40); "
+                                       "default: the run's, from the cloud")
     r.add_argument("--energy", default="auto", help="auto | rapl | ina3221 | pi5-pmic | battery | model:PROFILE")
-    r.add_argument("--codec", default="f16", choices=["f32", "f16", "int8"])
+    r.add_argument("--codec", choices=["f32", "f16", "int8"], help="update encoding (default: the run's; f16 with an explicit --scheduler)")
+    r.add_argument("--config-timeout", type=float, default=120.0,
+                   help="seconds to wait for the run configuration the cloud publishes")
     r.add_argument("--state-dir", type=Path, help="outbox and resume state (default: ./state/JOB/ID)")
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--lr", type=float, default=1e-3)
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from tomtit.data import load_dataset
     from tomtit.mqtt import MqttTransport
     from tomtit.transport import Will
+    from tomtit.cli import CliError
+    from tomtit.cli.mqtt_args import await_run_config
     from tomtit.wire import Presence, Topics, check_id, encode_presence
 
     setup_logging(args, args.id)
@@ -54,25 +59,35 @@ def run(args: argparse.Namespace) -> int:
     bundle, backend = open_training_bundle(args.bundle, args.backend)
     m = bundle.manifest
     data = encode_dataset(load_dataset(args.data), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
-    scheduler = make_scheduler(args.scheduler)
     meter = detect_meter(args.energy)
     trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr), backend)
+    if args.scheduler:
+        make_scheduler(args.scheduler)  # a bad spec fails now, before the broker
     state_dir = args.state_dir or Path("state") / args.job / args.id
-    config = DeviceConfig(device_id=args.id, parent=args.parent, job=args.job, codec=args.codec,
-                          resend_after_s=args.resend_after, link_joules_per_mb=args.link_j_per_mb,
-                          max_steps=args.max_steps)
     will = Will(topics.status(args.id), encode_presence(Presence(id=args.id, state="offline", role="device",
                                                                   version=0, ts=0.0)))
     transport = MqttTransport(mqtt_options(args, client_id=f"tomtit-{args.job}-{args.id}"), will=will).start()
     if not transport.wait_connected(10):
         log.warning("broker %s not reachable yet (%s); training offline, updates wait in the outbox",
                     args.broker, transport.last_error or "no answer")
+    stop = stop_event_on_signals()
+    spec, codec = args.scheduler, args.codec or ("f16" if args.scheduler else None)
+    if spec is None:  # without --scheduler, the run's settings come from the cloud
+        run_config = await_run_config(transport, args.job, m.bundle_id, args.config_timeout, stop)
+        if run_config is None:
+            transport.close()
+            raise CliError(f"no run configuration on {topics.run()} within {args.config_timeout:g} s: start the "
+                           f"cloud node of job {args.job!r}, or give --scheduler (and --codec)")
+        spec, codec = spec or run_config.device_scheduler, codec or run_config.up_codec
+    scheduler = make_scheduler(spec)
+    config = DeviceConfig(device_id=args.id, parent=args.parent, job=args.job, codec=codec,
+                          resend_after_s=args.resend_after, link_joules_per_mb=args.link_j_per_mb,
+                          max_steps=args.max_steps)
     log.info("device %s: %d examples, %s backend, meter %s%s, scheduler %s, parent %s", args.id, len(data),
              trainer.backend, meter.name, " (estimated)" if meter.estimated else "", scheduler.describe(), args.parent)
     agent = DeviceAgent(config, manifest=m, trainer=trainer, batches=BatchStream(data, args.batch, seed=args.seed),
                         num_samples=len(data), meter=meter, scheduler=scheduler, transport=transport,
                         state_dir=state_dir)
-    stop = stop_event_on_signals()
     try:
         stats = agent.run(stop.is_set)
     finally:

@@ -47,3 +47,39 @@ def stop_event_on_signals() -> threading.Event:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+def await_run_config(transport, job: str, bundle_id: str, timeout_s: float, stop: threading.Event):
+    """The run's configuration, retained by the cloud on tomtit/{job}/run (None after `timeout_s`).
+
+    A config for another bundle is an error: a child must not train or send against a model
+    the rest of the tree does not hold.
+    """
+    import time
+
+    from tomtit.cli import CliError
+    from tomtit.wire import Topics, WireError, decode_run_config
+
+    log = logging.getLogger("tomtit")
+    topic = Topics(job).run()
+    transport.subscribe(topic, qos=1)
+    deadline, next_note = time.monotonic() + timeout_s, time.monotonic() + 10
+    while time.monotonic() < deadline and not stop.is_set():
+        msg = transport.get(0.2)
+        if msg is None:
+            if time.monotonic() >= next_note:
+                log.info("waiting for the run configuration on %s (the cloud publishes it)", topic)
+                next_note += 10
+            continue
+        if msg.topic != topic or not msg.payload:
+            continue
+        try:
+            cfg = decode_run_config(msg.payload)
+        except WireError as e:
+            log.error("ignored a malformed run configuration: %s", e)
+            continue
+        if cfg.bundle_id != bundle_id:
+            raise CliError(f"the run {job!r} uses bundle {cfg.bundle_id}, this one is {bundle_id}: "
+                           f"give the bundle the cloud runs")
+        return cfg
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 
 from tomtit.cli.mqtt_args import add_broker_args, mqtt_options, setup_logging, stop_event_on_signals
@@ -19,11 +20,19 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--parent", help="parent node id (this node is then an edge); none = cloud")
     r.add_argument("--strategy", default="fedbuff", help="fedbuff | fedavg | fednova | median | trimmed")
     r.add_argument("--children", type=int, help="expected children (fedavg waits for all; caps K otherwise)")
-    r.add_argument("--k", type=int, help="apply after K buffered updates (overrides the strategy's K)")
+    r.add_argument("--k", type=int, help="apply after K buffered updates (cloud: for every node of the run; "
+                                         "edge: overrides the run's)")
     r.add_argument("--max-wait", type=float, help="...or after this many seconds since the first buffered one")
+    r.add_argument("--max-staleness", type=int, help="reject updates more than this many versions old")
     r.add_argument("--server-lr", type=float)
     r.add_argument("--max-norm", type=float, default=100.0, help="reject child deltas with a larger L2 norm")
-    r.add_argument("--scheduler", default="marginal", help="edge: marginal | fixed:K2 | adaptive")
+    r.add_argument("--scheduler", help="edge: marginal | fixed:K2 | adaptive (default: the run's edge scheduler)")
+    r.add_argument("--device-scheduler", default="marginal", help="cloud: the run's device scheduler (published)")
+    r.add_argument("--edge-scheduler", default="marginal", help="cloud: the run's edge scheduler (published)")
+    r.add_argument("--up-codec", default="f16", choices=["f32", "f16", "int8"],
+                   help="cloud: the codec children encode updates with (published)")
+    r.add_argument("--config-timeout", type=float, default=120.0,
+                   help="edge: seconds to wait for the run configuration the cloud publishes")
     r.add_argument("--eval-data", help="cloud: held-out JSONL/CSV to evaluate each global model on")
     r.add_argument("--eval-max", type=int, default=1000)
     r.add_argument("--target-accuracy", type=float)
@@ -45,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from tomtit.cli import CliError
     from tomtit.mqtt import MqttTransport
     from tomtit.transport import Will
-    from tomtit.wire import Presence, Topics, check_id, encode_presence
+    from tomtit.cli.mqtt_args import await_run_config
+    from tomtit.wire import Presence, RunConfig, Topics, check_id, encode_presence
 
     from tomtit.alloc import retain_freed_memory
 
@@ -59,8 +69,42 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--target-accuracy needs --eval-data")
     bundle = open_bundle(args.bundle, roles=("initial_adapter", "inference_model", "tokenizer"))
     m = bundle.manifest
-    opts = {k: v for k, v in {"k_updates": args.k, "max_wait_s": args.max_wait, "server_lr": args.server_lr}.items()
-            if v is not None}
+    topics = Topics(args.job)
+    will = Will(topics.status(args.id), encode_presence(Presence(id=args.id, state="offline", role="node",
+                                                                  version=0, ts=0.0)))
+    transport = MqttTransport(mqtt_options(args, client_id=f"tomtit-{args.job}-{args.id}"), will=will).start()
+    if not transport.wait_connected(10):
+        log.warning("broker %s not reachable yet (%s); retrying in the background", args.broker,
+                    transport.last_error or "no answer")
+    stop = stop_event_on_signals()
+    if args.parent is None:
+        # The cloud owns the run's configuration and publishes it (retained): children take the
+        # settings that must agree across the tree from there, not from flags set to match by hand.
+        run_config = RunConfig(job=args.job, bundle_id=m.bundle_id, up_codec=args.up_codec,
+                               device_scheduler=args.device_scheduler, edge_scheduler=args.edge_scheduler,
+                               k_updates=args.k or 3, max_wait_s=args.max_wait or 30.0,
+                               max_staleness=args.max_staleness if args.max_staleness is not None else 10,
+                               staleness_exponent=0.5, target_accuracy=args.target_accuracy,
+                               deadline_s=60 * args.max_minutes if args.max_minutes else None, created_at=time.time())
+        make_scheduler(run_config.device_scheduler), make_scheduler(run_config.edge_scheduler)  # fail here, not there
+    else:
+        run_config = await_run_config(transport, args.job, m.bundle_id, args.config_timeout, stop)
+        if run_config is None:
+            transport.close()
+            raise CliError(f"no run configuration on {topics.run()} within {args.config_timeout:g} s: "
+                           f"start the cloud node of job {args.job!r} first")
+        log.info("run configuration from the cloud: edge scheduler %s, K=%d, codec %s", run_config.edge_scheduler,
+                 run_config.k_updates, run_config.up_codec)
+    explicit = {k: v for k, v in {"k_updates": args.k, "max_wait_s": args.max_wait, "server_lr": args.server_lr,
+                                  "max_staleness": args.max_staleness}.items() if v is not None}
+    if args.strategy == "fedavg":
+        opts = explicit  # synchronous rounds: K = the children, no discount, whatever the run says
+    else:
+        opts = {"k_updates": run_config.k_updates, "max_wait_s": run_config.max_wait_s,
+                "max_staleness": run_config.max_staleness, "staleness_exponent": run_config.staleness_exponent,
+                **explicit}
+        if args.children and args.k is None:  # a node with fewer children than K would wait for its timer
+            opts["k_updates"] = min(run_config.k_updates, args.children)
     buffer = make_strategy(args.strategy, expected_children=args.children, **opts)
     observers = []
     if args.eval_data:
@@ -73,24 +117,17 @@ def run(args: argparse.Namespace) -> int:
         n = min(len(data), args.eval_max)
         observers.append(EvaluateAndStop(Evaluator(clf, data.input_ids[:n], data.attention_mask[:n], data.labels[:n]),
                                          args.target_accuracy))
-    scheduler = make_scheduler(args.scheduler) if args.parent else None
+    scheduler = make_scheduler(args.scheduler or run_config.edge_scheduler) if args.parent else None
     config = NodeConfig(node_id=args.id, parent=args.parent, job=args.job, max_update_norm=args.max_norm,
-                        max_minutes=args.max_minutes)
+                        max_minutes=args.max_minutes, up_codec=run_config.up_codec)
     # An edge's scheduler weighs its own joules too (aggregation CPU, its radio): same meters as a device.
     meter = detect_meter(args.energy) if args.parent else None
-    topics = Topics(args.job)
-    will = Will(topics.status(args.id), encode_presence(Presence(id=args.id, state="offline", role="node",
-                                                                  version=0, ts=0.0)))
-    transport = MqttTransport(mqtt_options(args, client_id=f"tomtit-{args.job}-{args.id}"), will=will).start()
-    if not transport.wait_connected(10):
-        log.warning("broker %s not reachable yet (%s); retrying in the background", args.broker,
-                    transport.last_error or "no answer")
     node = Node(config, manifest=m, initial_adapter=load_adapter(bundle.path("initial_adapter"), m), buffer=buffer,
                 transport=transport, state_dir=args.state_dir or Path("state") / args.job / args.id,
-                scheduler=scheduler, observers=observers, meter=meter)
+                scheduler=scheduler, observers=observers, meter=meter,
+                run_config=run_config if args.parent is None else None)
     log.info("node %s (%s), strategy %s, bundle %s", args.id, f"edge of {args.parent}" if args.parent else "cloud",
              args.strategy, m.bundle_id)
-    stop = stop_event_on_signals()
     try:
         node.run(stop.is_set)
     finally:

@@ -143,7 +143,7 @@ class Scenario:
     lr: float = 1e-3  # AdamW learning rate on every device
     reference_step_s: float = 0.065  # one step on the reference core (profiles.toml explains)
     max_virtual_s: float = 7200.0  # a run that has not reached the target by then stops there
-    max_device_steps: int = 4000  # compute cap: real training steps per run, all devices together
+    max_device_steps: int = 3000  # compute cap: real training steps per run, all devices together
     seeds: int = 3  # default number of seeds
     events: tuple[Event, ...] = field(default_factory=tuple)
 
