@@ -81,6 +81,7 @@ class DeviceStats:
     models_adopted: int = 0
     joules: float = 0.0
     waited_s: float = 0.0  # synchronous rounds: time spent idle waiting for the parent's model
+    postponed: int = 0  # sync decisions deferred while the link was still sending the previous message
     intervals: list[int] = field(default_factory=list)
     sync_times: list[float] = field(default_factory=list)  # clock() at each sync
     reasons: list[str] = field(default_factory=list)  # the scheduler's reason for each sync
@@ -324,7 +325,15 @@ class DeviceAgent:
         self._cycle_joules += joules
         self.scheduler.set_battery_reserve(self.meter.reserve_fraction())
         decision = self.scheduler.observe(StepObservation(loss=loss, joules=joules, seconds=seconds, samples=len(labels)))
-        if decision.sync:
+        if decision.sync and self.transport.publishing:
+            # Our previous message is still on its way to the broker: a new update would only
+            # queue behind it, and on a slow radio (an LTE-M update takes seconds, NB-IoT minutes)
+            # a queue of updates arrives ever later until the parent refuses them as stale, wasting
+            # the energy the link is expensive in. Postponing loses nothing: the cycle goes on and
+            # the next sync carries everything trained meanwhile.
+            self.stats.postponed += 1
+            self.flush_outbox()
+        elif decision.sync:
             s0, t_sync = self._read_joules(), self.clock()
             size = self.sync(decision.steps_since_sync)
             # A metered link (the emulated meter, a battery gauge) already counts the radio;
@@ -381,6 +390,7 @@ class DeviceAgent:
             "outbox": len(self.outbox), "intervals": s.intervals[-500:], "reasons": s.reasons[-500:],
             "joules": s.joules, "energy_estimated": self.meter.estimated, "meter": self.meter.name,
             "bytes_up": self.uplink.bytes_up, "base_version": self.base_version, "waited_s": s.waited_s,
+            "postponed": s.postponed,
         }
 
     def shutdown(self) -> None:

@@ -89,6 +89,7 @@ class NodeConfig:
     job: str = "default"
     max_update_bytes: int = 64 << 20  # refuse bigger payloads before parsing them
     max_update_norm: float = 100.0  # L2 bound on one child delta: catches exploded or hostile updates
+    max_local_steps: int = 1000  # bound on one update's local steps (>= every scheduler's tau_max): convergence needs it
     model_codec: str = "f32"  # models go down exactly: every child must start from the same point
     up_codec: str = "f16"  # an edge's pushes upward
     chunk_bytes: int = 1_000_000  # split payloads above this (EMQX's default packet limit is 1 MB)
@@ -111,6 +112,7 @@ class NodeStats:
     bytes_out: int = 0
     aggregations: int = 0
     pushes_up: int = 0
+    pushes_postponed: int = 0  # push decisions deferred while the link was still sending
     push_times: list[float] = field(default_factory=list)
     child_arrivals: dict = field(default_factory=lambda: defaultdict(list))  # child -> [(t, local_steps)]
     versions: list[dict] = field(default_factory=list)
@@ -351,6 +353,11 @@ class Node:
         if norm > self.cfg.max_update_norm:
             self._reject(child, msg.update_id, "norm", f"L2 norm {norm:.3g} > bound {self.cfg.max_update_norm}")
             return
+        if msg.local_steps > self.cfg.max_local_steps:
+            # the convergence argument (docs/evaluation.md) needs bounded local work per update
+            self._reject(child, msg.update_id, "local_steps",
+                         f"{msg.local_steps} local steps > bound {self.cfg.max_local_steps}")
+            return
         # A base_version ahead of ours means this node lost or replaced its state dir (models are
         # checkpointed before they are published): count the update as fresh, do not waste it.
         update = ChildUpdate(update_id=msg.update_id, sender=child, delta=delta, num_samples=max(1, msg.num_samples),
@@ -502,7 +509,9 @@ class Node:
             joules = energy + own
             self._cycle_joules += joules
             decision = self.scheduler.observe(StepObservation(loss=level, joules=joules, seconds=0.0, samples=total))
-            if decision.sync:
+            if decision.sync and self.transport.publishing:
+                self.stats.pushes_postponed += 1  # the link is still sending: see DeviceAgent.step
+            elif decision.sync:
                 before = self._own_joules()
                 size = self.push_up(decision.steps_since_sync)
                 cost = before + self._own_joules() + self.cfg.link_joules_per_mb * size / 1e6

@@ -291,3 +291,26 @@ def test_synchronous_rounds_wait_for_the_parent_model(tmp_path):
     node.run_once(timeout=0)
     assert node.version == 1
     assert a[0].step() and not a[0].waiting_for_parent and a[0].base_version == 1
+
+
+def test_a_sync_waits_while_the_link_still_sends_the_previous_update(tmp_path):
+    """A new update would queue behind the last one on a slow link and arrive stale: the sync is
+    postponed (not dropped) until the link is free, and then carries every step trained meanwhile."""
+    broker = MemoryBroker()
+    node = make_node(tmp_path, broker)
+    node.run_once(timeout=0)
+    agent = make_agent(tmp_path, broker, tau=2)
+    agent._on_connection_change()
+    busy = {"on": False}
+    type(agent.transport).publishing = property(lambda self: busy["on"])  # this test's client only
+    try:
+        agent.step(); agent.step()  # sync 1
+        busy["on"] = True
+        for _ in range(5):
+            agent.step()  # due at k=2, 3, 4, 5: postponed
+        assert agent.stats.syncs == 1 and agent.stats.postponed == 4
+        busy["on"] = False
+        agent.step()
+        assert agent.stats.syncs == 2 and agent.stats.intervals == [2, 6]
+    finally:
+        del type(agent.transport).publishing

@@ -100,6 +100,7 @@ def _nan_payload(m):
     ("other_bundle", "wrong_bundle"),
     ("sender_mismatch", "wrong_sender"),
     ("too_big_norm", "norm"),
+    ("too_much_local_work", "local_steps"),
     ("garbage", "not_safetensors"),
     ("stale", "stale"),
 ])
@@ -125,6 +126,8 @@ def test_bad_update_is_rejected_with_reason_and_model_unchanged(tmp_path, case, 
         uid, payload = update_bytes(ok, sender="c9", manifest=m, job=JOB)
     elif case == "too_big_norm":
         uid, payload = update_bytes(np.full(SIZE, 1e3, np.float32), sender="c1", manifest=m, job=JOB)
+    elif case == "too_much_local_work":
+        uid, payload = update_bytes(ok, sender="c1", manifest=m, job=JOB, local_steps=1001)
     elif case == "garbage":
         payload = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"
     elif case == "stale":

@@ -195,6 +195,11 @@ class MqttTransport(Transport):
             if len(self._unacked) > 256:  # prune now and then, not on every publish (O(n^2) otherwise)
                 self._unacked = [i for i in self._unacked if not i.is_published()]
 
+    @property
+    def publishing(self) -> bool:
+        self._unacked = [i for i in self._unacked if not i.is_published()]
+        return bool(self._unacked)
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the broker has acknowledged every QoS>0 publish (e.g. before closing)."""
         deadline = time.monotonic() + timeout

@@ -59,6 +59,12 @@ class Transport(ABC):
         """Block until published messages have left this process (True) or timeout (False)."""
         return True
 
+    @property
+    def publishing(self) -> bool:
+        """A QoS>0 message is still on its way to the broker (not yet PUBACKed): the link is busy.
+        Senders postpone a new update meanwhile instead of queueing it behind the last one."""
+        return False
+
     @abstractmethod
     def close(self) -> None:
         """Disconnect cleanly (no last will). Idempotent."""

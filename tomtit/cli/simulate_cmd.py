@@ -28,7 +28,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="fedavg,hierfavg,adaptive,async-fixed,ours",
                    help="comma-separated subset of fedavg,hierfavg,adaptive,async-fixed,ours")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (one per core)")
-    p.add_argument("--out", type=Path, default=Path("runs/simulate"))
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"),
+                   help="output folder: summary.json, report.md, one folder of plots per scenario")
     p.add_argument("--json", action="store_true", help="print the summary's ratios as JSON on stdout")
     p.add_argument("--verbose", "-v", action="store_true")
 
@@ -39,11 +40,10 @@ def _bundle(args: argparse.Namespace) -> str:
     if (path / "manifest.json").is_file():
         return str(path)
     out = args.out / "bundle"
-    if (out / "manifest.json").is_file():
-        manifest = json.loads((out / "manifest.json").read_text())
-        if manifest.get("max_length") == args.max_len and manifest.get("extra", {}).get("export_model") in (
-                None, args.model):
-            return str(out)
+    source = {"model": args.model, "data": args.data, "max_len": args.max_len}
+    marker = args.out / "bundle-source.json"
+    if (out / "manifest.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == source:
+        return str(out)  # exported by an earlier run with the same model, data and length
     from export.bundle_builder import ExportConfig, export_bundle
     from tomtit.cli import CliError
 
@@ -54,6 +54,7 @@ def _bundle(args: argparse.Namespace) -> str:
     print(f"exporting {args.model} (max {args.max_len} tokens) to {out} ...", file=sys.stderr)
     export_bundle(ExportConfig(model=args.model, data=args.data, out=out, max_length=args.max_len,
                                backend="portable", force=True), log=lambda *a: None)
+    marker.write_text(json.dumps(source))
     return str(out)
 
 

@@ -355,11 +355,13 @@ class _Run:
                 "mean_interval": float(np.mean(st.intervals)) if st and st.intervals else None,
                 "joules": round(dev.meter.joules(), 3), "busy_j": round(dev.meter.busy_j, 3),
                 "idle_j": round(dev.meter.idle_j, 3), "link_j": round(dev.meter.link_j, 3),
-                "waited_s": round(st.waited_s, 3) if st else 0.0,
+                "waited_s": round(st.waited_s, 3) if st else 0.0, "postponed": st.postponed if st else 0,
             })
         edges = [{"id": n, "pushes": node.stats.pushes_up, "push_times": node.stats.push_times,
-                  "aggregations": node.stats.aggregations, "joules": round(m.joules(), 3) if m else 0.0}
+                  "aggregations": node.stats.aggregations, "joules": round(m.joules(), 3) if m else 0.0,
+                  "rejected": dict(node.stats.rejected)}
                  for n, (node, _, m, _) in self.nodes.items() if n != "cloud"]
+        rejected = {n: dict(node.stats.rejected) for n, (node, _, _, _) in self.nodes.items() if node.stats.rejected}
         nb = self.net.bytes
         return {
             "method": self.s.method, "setting": self.s.label, "seed": self.seed, "reached": reached,
@@ -375,4 +377,5 @@ class _Run:
                       "cloud_up": nb[("cloud", "up")], "cloud_down": nb[("cloud", "down")]},
             "syncs": sum(d["syncs"] for d in devices), "real_steps": self.real_steps[0],
             "global_versions": self.nodes["cloud"][0].version, "devices": devices, "edges": edges,
+            "rejected": rejected,  # node -> reason -> count (e.g. stale pushes a baseline wasted)
         }

@@ -157,6 +157,10 @@ class SimTransport(Transport):
     def connected(self) -> bool:
         return self.ep.online
 
+    @property
+    def publishing(self) -> bool:
+        return self.ep.up_free_at > self.ep.clock()  # still transmitting an earlier message
+
     def flush(self, timeout: float = 5.0) -> bool:
         return True
 

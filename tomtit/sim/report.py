@@ -140,3 +140,26 @@ def write_reports(out: Path, summary: dict) -> None:
         (folder / "report.md").write_text(md.replace(f"]({name}/", "]("))
         parts.append(md)
     (out / "report.md").write_text("\n".join(parts))
+
+
+def evaluation_markdown(root: Path) -> str:
+    """The tables of docs/evaluation.md from every `<root>/<scenario>/summary.json`
+    (`python -m tomtit.sim.report runs/evaluation`)."""
+    rows = ["| scenario | target | method | best setting | reached | time to target (s) | device energy (J) | "
+            "ours / it: time | ours / it: energy |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(root.glob("*/summary.json")):
+        summary = __import__("json").loads(path.read_text())
+        for name, s in summary["scenarios"].items():
+            for m, info in s["methods"].items():
+                med, r = info["median"], s["ratios"].get(m, {})
+                rows.append(f"| {name} | {s['target']['target_accuracy']:.3f} | {m} | {info['best_setting']} | "
+                            f"{med['reached']}/{med['seeds']} | {_fmt(med['time_to_target_s'])} | "
+                            f"{_fmt(med['device_energy_j'], digits=0)} | {_fmt(r.get('time'), digits=2)} | "
+                            f"{_fmt(r.get('energy'), digits=2)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(evaluation_markdown(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/evaluation")))

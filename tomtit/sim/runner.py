@@ -97,7 +97,10 @@ _WORLD: World | None = None
 def _init_worker(bundle: str, data: str, test_fraction: float, eval_examples: int) -> None:
     global _WORLD
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logging.getLogger("tomtit").setLevel(logging.ERROR)
+    # Rejections and the like are counted in each run's result; a worker's log lines would only
+    # interleave on the terminal.
+    logging.getLogger("tomtit").addHandler(logging.NullHandler())
+    logging.getLogger("tomtit").propagate = False
     _WORLD = build_world(bundle, data, test_fraction=test_fraction, eval_examples=eval_examples)
 
 
