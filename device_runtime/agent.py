@@ -325,6 +325,7 @@ class DeviceAgent:
         self._cycle_joules += joules
         self.scheduler.set_battery_reserve(self.meter.reserve_fraction())
         decision = self.scheduler.observe(StepObservation(loss=loss, joules=joules, seconds=seconds, samples=len(labels)))
+        synced = False
         if decision.sync and self.transport.publishing:
             # Our previous message is still on its way to the broker: a new update would only
             # queue behind it, and on a slow radio (an LTE-M update takes seconds, NB-IoT minutes)
@@ -341,13 +342,15 @@ class DeviceAgent:
             cost = max(0.0, self._read_joules() - s0) + self.cfg.link_joules_per_mb * size / 1e6
             self._last_joules = self._read_joules()
             self.scheduler.on_synced(cost_joules=cost, cost_seconds=self.clock() - t_sync)
+            synced = True
             self.stats.reasons.append(decision.reason)
             log.info("sync #%d after %d steps (%s): %d bytes, loss %.4f",
                      self.stats.syncs, decision.steps_since_sync, decision.reason, size, loss)
             self._cycle_losses, self._cycle_joules = [], 0.0
         else:
             self.flush_outbox()
-        if self.stats.steps % self.cfg.telemetry_every == 0 or decision.sync:
+        # (not on a postponed sync: telemetry would only add to the link it waits for)
+        if self.stats.steps % self.cfg.telemetry_every == 0 or synced:
             self.telemetry(decision, loss)
         if self.stats.steps % self.cfg.checkpoint_every == 0:
             self.save_state()

@@ -302,12 +302,17 @@ class AsyncBuffer:
         self._pending.append(_Pending(update, staleness, float(now)))
         self._ids.add(update.update_id)
 
+    def deadline(self) -> float | None:
+        """When the first buffered update will have waited ``max_wait_s`` (None: empty).
+        ``ready`` compares ``now`` with exactly this value, so a timer set for it always fires a
+        flush (``now - arrived >= max_wait`` can round the other way at that instant)."""
+        return self._pending[0].arrived + self.config.max_wait_s if self._pending else None
+
     def ready(self, now: float) -> bool:
         """True once K updates are buffered, or the first has waited ``max_wait_s``."""
         if not self._pending:
             return False
-        return (len(self._pending) >= self.config.k_updates
-                or now - self._pending[0].arrived >= self.config.max_wait_s)
+        return len(self._pending) >= self.config.k_updates or now >= self.deadline()
 
     def flush(self, now: float) -> AggregateResult:
         """Combine and empty the buffer (whether or not ``ready``: a node may flush on shutdown).

@@ -97,7 +97,7 @@ class NodeConfig:
     resend_after_s: float = 30.0  # edge: re-send an unacknowledged upward push after this
     link_joules_per_mb: float = 0.5  # edge: radio energy per MB pushed upward, where the meter cannot see the link
     max_minutes: float | None = None  # stop after this long
-    wait_for_parent: bool = False  # edge, synchronous rounds (HierFAVG): after a push, hold the model until the parent's
+    wait_for_parent: bool = False  # edge, synchronous rounds (HierFAVG): after a push, hold our model until the parent's arrives
     telemetry_every_s: float = 5.0
     commit_max_updates: int = 256  # group commit: at most this many messages handled per commit...
     commit_max_s: float = 0.25  # ...or this long, so acks and the model never wait on a long burst
@@ -184,7 +184,6 @@ class Node:
         self._child_loss: dict[str, tuple[float, int]] = {}  # child -> its latest (train loss, samples)
         self._meter_last: float | None = None  # own meter reading at the last absorbed update
         self._cycle_joules = 0.0  # edge: children's reported + own joules since our last push
-        self._held_model = False  # edge, synchronous rounds: a model not published while we wait for the parent
         self._resume()
 
     # Views of the uplink (the cloud has none: what "the parent holds of us" is the model itself).
@@ -235,7 +234,6 @@ class Node:
         # Retained: a child that connects later (or restarts) gets the current model at once.
         # Not chunked: a retained message must be one message (MiniLM's adapter is ~300 KB).
         self._publish(self.topics.down(self.cfg.node_id), encode_message(msg), retain=True)
-        self._held_model = False
 
     def presence(self, state: str) -> bytes:
         return encode_presence(Presence(id=self.cfg.node_id, state=state, role="node",
@@ -407,9 +405,7 @@ class Node:
 
     def next_timer(self) -> float | None:
         """When the buffer's max-wait timer fires (clock time), or None: for event-driven callers."""
-        if not self.buffer.pending:
-            return None
-        return self.clock() + max(0.0, self.buffer.config.max_wait_s - self.buffer.oldest_age(self.clock()))
+        return self.buffer.deadline()
 
     def _apply_ready(self, now: float) -> None:
         if self.effective_ready(now):
@@ -467,14 +463,11 @@ class Node:
                 for uid in result.update_ids:
                     self._pending_meta.pop(uid, None)
             self.checkpoint()
-            if self.uplink is not None and self.uplink.waiting_for_parent:
-                self._held_model = True  # the parent's model comes next; children wait for that one
-            else:
-                self.publish_model()
+            if self.uplink is None or not self.uplink.waiting_for_parent:
+                self.publish_model()  # (held in synchronous rounds: the parent's model comes next, children wait for it)
         self._uncommitted = []
         self._send_acks()
-        if self.uplink is not None:
-            self.uplink.flush(self.transport, self.clock())
+        self.flush_outbox()
         if not had:
             return
         for observer in self.observers:

@@ -193,17 +193,17 @@ class MqttTransport(Transport):
         if qos > 0:
             self._unacked.append(info)
             if len(self._unacked) > 256:  # prune now and then, not on every publish (O(n^2) otherwise)
-                self._unacked = [i for i in self._unacked if not i.is_published()]
+                self._unacked = [i for i in self._unacked if _pending(i)]
 
     @property
     def publishing(self) -> bool:
-        self._unacked = [i for i in self._unacked if not i.is_published()]
+        self._unacked = [i for i in self._unacked if _pending(i)]
         return bool(self._unacked)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the broker has acknowledged every QoS>0 publish (e.g. before closing)."""
         deadline = time.monotonic() + timeout
-        while any(not i.is_published() for i in self._unacked):
+        while any(_pending(i) for i in self._unacked):
             if time.monotonic() > deadline or not self.connected:
                 return False
             time.sleep(0.01)
@@ -215,3 +215,14 @@ class MqttTransport(Transport):
             self._filters[topic_filter] = qos
         if self._client is not None and self._connected.is_set():
             self._client.subscribe(topic_filter, qos)
+
+
+def _pending(info) -> bool:
+    """A QoS>0 publish still waiting for its PUBACK. paho's `is_published` raises for a message
+    published while disconnected (its return code stays NO_CONN even after paho re-sends it on
+    reconnect): such a message cannot be tracked, so it no longer counts as pending; the outbox
+    re-sends what matters until the node's ack."""
+    try:
+        return not info.is_published()
+    except (RuntimeError, ValueError):
+        return False

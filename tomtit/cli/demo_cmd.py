@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     per_edge = -(-args.devices // args.edges)
     # The cloud publishes the run's configuration (schedulers, K, codec); edges and devices take it.
     procs["cloud"] = _tomtit(["node", "run", "--id", "cloud", *common, "--strategy", args.strategy,
-                              "--k", "2", "--device-scheduler", args.scheduler, "--edge-scheduler", args.edge_scheduler,
+                              "--k", "2", "--children", str(args.edges), "--device-scheduler", args.scheduler, "--edge-scheduler", args.edge_scheduler,
                               "--eval-data", str(split / "test.jsonl"),
                               "--target-accuracy", str(args.target_accuracy), "--max-minutes", str(args.max_minutes),
                               "--state-dir", str(state / "cloud"), "--summary", str(out / "cloud.json")],

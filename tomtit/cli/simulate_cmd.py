@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     profiles = load_profiles()
     names = [s.strip() for s in args.scenario.split(",") if s.strip()]
+    if not names:
+        raise CliError(f"--scenario {args.scenario!r} names no scenario")
     if names == ["all"]:
         names = [n for n in shipped_scenarios() if n != "tiny"]
     overrides = dict(alpha=args.alpha, devices=args.devices, edges=args.edges, boards=args.profiles,

@@ -150,16 +150,20 @@ class _Run:
         self.nodes: dict[str, tuple[Node, VirtualClock, EmulatedMeter | None, Board | None]] = {}
         self.parent_of: dict[str, str] = {}
         n_edges = 0 if setting.flat else sc.edges
-        children = {"cloud": sc.edges if not setting.flat else sc.devices}
+        # Devices with a join event start absent. A synchronous node waits for the children that
+        # are there (a deployment's expected count), not for one that has not joined yet.
+        joiners = {ev.device for ev in sc.events if ev.kind == "join"}
+        present = [i for i, d in enumerate(sc.device_ids()) if d not in joiners]
+        children = {"cloud": sc.edges if not setting.flat else len(present)}
         self.observer = EvaluateAndStop(world.evaluator, target)
         self.energy_at_eval: list[float] = [0.0]  # the initial evaluation (at start) cost nothing yet
         self.devices: dict[str, _Device] = {}
+        self._timers: dict[str, float] = {}  # node -> the deadline its pending timer event is for
         self._add_node("cloud", None, children["cloud"], profiles.links[sc.edge_link], observer=self.observer)
         for e in range(n_edges):
-            kids = sum(1 for i in range(sc.devices) if sc.edge_of(i) == e)
+            kids = max(1, sum(1 for i in present if sc.edge_of(i) == e))
             self._add_node(f"e{e}", "cloud", kids, profiles.links[sc.edge_link])
-        self.devices: dict[str, _Device] = {}
-        joiners = {ev.device for ev in sc.events if ev.kind == "join"}
+
         for i, name in enumerate(sc.device_ids()):
             board, link = sc.board_of(i, profiles), sc.link_of(i, profiles)
             clock = VirtualClock()
@@ -318,7 +322,8 @@ class _Run:
     def _after_node(self, name: str) -> None:
         node = self.nodes[name][0]
         t = node.next_timer()
-        if t is not None:
+        if t is not None and self._timers.get(name) != t:  # one pending timer per deadline
+            self._timers[name] = t
             self._push(t, "timer", name)
 
     def _on_event(self, ev, t: float) -> None:

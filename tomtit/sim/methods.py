@@ -1,7 +1,8 @@
 """The methods compared in one `tomtit simulate` run, and the grids the baselines are tuned on.
 
-Every baseline gets its best setting from its grid, chosen per scenario (on the median over
-seeds of time to target); ours runs with one default for every scenario and gets no grid.
+Every baseline gets its best setting from its grid, chosen per scenario on the first seed
+(reached the target, then time, then energy; else the best accuracy), then run on the other
+seeds; ours runs with one default for every scenario and gets no grid.
 - fedavg: flat (devices -> cloud), synchronous rounds of tau local steps (McMahan et al. 2017).
 - hierfavg: devices -> edges -> cloud, synchronous; edges average every kappa1 local steps,
   the cloud every kappa2 edge rounds (Liu et al., "Client-edge-cloud hierarchical federated

@@ -33,6 +33,7 @@ class Endpoint:
     on_link_joules: Callable[[float], None] = lambda j: None
     up_free_at: float = 0.0
     down_free_at: float = 0.0
+    acked_free_at: float = 0.0  # when the last QoS>0 message will have left (what `publishing` reports)
     filters: dict[str, int] = field(default_factory=dict)
     queue: deque = field(default_factory=deque)
     online: bool = True
@@ -64,11 +65,14 @@ class SimNetwork:
         return SimTransport(self, ep)
 
     # -- routing ---------------------------------------------------------------------------
-    def publish(self, sender: Endpoint, topic: str, payload: bytes, retain: bool) -> None:
+    def publish(self, sender: Endpoint, topic: str, payload: bytes, retain: bool, qos: int = 1) -> None:
         now = sender.clock()
         n = len(payload)
         start = max(now, sender.up_free_at)
         sender.up_free_at = start + sender.link.up_s(n)
+        if qos > 0:
+            # like paho's unacknowledged publishes: telemetry (QoS 0) takes airtime but is not waited for
+            sender.acked_free_at = sender.up_free_at + sender.link.latency_s
         sender.on_link_joules(sender.link.j_per_mb_up * n / 1e6)
         self.bytes[(sender.tier, "up")] += n
         at_broker = sender.up_free_at + sender.link.latency_s
@@ -112,7 +116,7 @@ class SimNetwork:
         ep.filters.clear()
         ep.queue.clear()
         if send_will and ep.will is not None:
-            self.publish(ep, ep.will.topic, ep.will.payload, ep.will.retain)
+            self.publish(ep, ep.will.topic, ep.will.payload, ep.will.retain, ep.will.qos)
 
     # -- the engine's side -----------------------------------------------------------------
     def next_time(self) -> float | None:
@@ -144,7 +148,7 @@ class SimTransport(Transport):
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         if not self.ep.online:
             raise ConnectionError(f"{self.ep.name} is offline")
-        self.net.publish(self.ep, topic, bytes(payload), retain)
+        self.net.publish(self.ep, topic, bytes(payload), retain, qos)
 
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         self.net.subscribe(self.ep, topic_filter, qos)
@@ -159,7 +163,7 @@ class SimTransport(Transport):
 
     @property
     def publishing(self) -> bool:
-        return self.ep.up_free_at > self.ep.clock()  # still transmitting an earlier message
+        return self.ep.acked_free_at > self.ep.clock()  # a QoS 1 message has not reached the broker yet
 
     def flush(self, timeout: float = 5.0) -> bool:
         return True

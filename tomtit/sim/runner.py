@@ -177,8 +177,11 @@ def _cached_central(bundle: str, data: str, sc: Scenario, compute: Callable[[], 
 
 
 def _key(r: dict) -> tuple:
-    """Best run first: reached the target, then less time, then less energy."""
-    return (not r["reached"], r["time_to_target_s"] if r["reached"] else r["end_s"], r["device_energy_j"])
+    """Best run first: reached the target (then less time, then less energy), else the higher
+    best accuracy."""
+    if r["reached"]:
+        return (0, r["time_to_target_s"], r["device_energy_j"])
+    return (1, -(r["best_accuracy"] or 0.0), r["device_energy_j"])
 
 
 def _median(xs: list[float | None]) -> float | None:
