@@ -179,6 +179,7 @@ class Node:
         self._was_connected = False
         self._pending_meta: dict[str, tuple[float, float, int]] = {}  # update_id -> (loss, joules, samples)
         self._uncommitted: list = []  # AggregateResults applied to the model, not yet checkpointed
+        self._unobserved: list = []  # ...and not yet seen by this edge's scheduler
         self._acks_out: dict[str, list[Ack]] = defaultdict(list)  # child -> acks sent at the next commit
         self._child_samples: dict[str, int] = {}  # child -> its latest num_samples
         self._child_loss: dict[str, tuple[float, int]] = {}  # child -> its latest (train loss, samples)
@@ -422,6 +423,7 @@ class Node:
         for uid, child in zip(result.update_ids, result.senders):
             self._ack(child, uid, "applied")
         self._uncommitted.append(result)
+        self._unobserved.append(result)
         self.stats.versions.append({"t": round(now - self.started, 3), "version": self.version,
                                     "updates": len(result.update_ids), "senders": list(result.senders),
                                     "staleness": list(result.staleness), "train_loss": result.mean_train_loss})
@@ -454,10 +456,12 @@ class Node:
         in synchronous rounds, while a push waits for the parent's answer) -> acks -> observers.
         An ack never outlives a crash: if the checkpoint raises, nothing after it runs.
         """
-        applied, had = self._uncommitted, bool(self._uncommitted)
+        had = bool(self._uncommitted)
         if had:
             self.prune_seen()
-            for result in applied:
+            # Observed once, even if the checkpoint below fails and shutdown commits again.
+            observe, self._unobserved = self._unobserved, []
+            for result in observe:
                 if self.scheduler is not None and self.uplink is not None:
                     self._observe_absorbed(result)
                 for uid in result.update_ids:
