@@ -36,8 +36,6 @@ def main() -> int:
 
     import dataclasses
 
-    import numpy as np
-
     from device_runtime.local_data import BatchStream
     from tomtit.sim.config import load_profiles, load_scenario
     from tomtit.sim.engine import run_setting
@@ -92,7 +90,6 @@ def main() -> int:
     print(f"simulator, without evals:{sim_no_eval:6.2f} steps/s -> {sim_no_eval / bare:.2f} of bare")
     print(f"memory per simulated device: {per_device:.2f} MB (adapter {adapter_mb:.2f} MB: params + 2 Adam "
           f"moments = {3 * adapter_mb:.2f} MB), over {args.devices} devices on one session")
-    del np
     return 0
 
 

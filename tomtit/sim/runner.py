@@ -185,8 +185,12 @@ def _key(r: dict) -> tuple:
 
 
 def _median(xs: list[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return float(statistics.median(vals)) if vals and len(vals) == len(xs) else None
+    """Median over seeds, a seed that never reached the target counting as infinitely late (a
+    censored value): 2 of 3 seeds reaching it give a median; fewer give None ("not reached")."""
+    if not xs:
+        return None
+    med = statistics.median([float("inf") if x is None else x for x in xs])
+    return float(med) if med != float("inf") else None
 
 
 def simulate(scenarios: list[Scenario], *, bundle: str, data: str, out: Path, seeds: int, workers: int,
