@@ -63,3 +63,18 @@ def update_bytes(delta: np.ndarray, *, sender: str, manifest: Manifest, base_ver
                        train_loss=1.0, energy_j=2.0, is_delta=True, created_at=1.0, codec=codec, update_id=uid,
                        tensors=unflatten(np.asarray(delta, np.float32), manifest.trainable))
     return uid, encode_message(msg)
+
+
+class CountingMeter:
+    """Deterministic joules that a test advances by hand (`meter.j += ...`)."""
+
+    name, estimated = "counting", False
+
+    def __init__(self):
+        self.j = 0.0
+
+    def joules(self):
+        return self.j
+
+    def reserve_fraction(self):
+        return None

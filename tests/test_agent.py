@@ -6,7 +6,7 @@ from device_runtime.energy import ModelMeter
 from device_runtime.scheduler import make_scheduler
 from edge_broker.aggregation import make_strategy
 from edge_broker.node import Node, NodeConfig
-from fedkit import SIZE, SPECS, DummyBatches, QuadraticTrainer, synthetic_manifest
+from fedkit import SIZE, SPECS, CountingMeter, DummyBatches, QuadraticTrainer, synthetic_manifest
 from tomtit.transport import MemoryBroker
 from tomtit.wire import Presence, Topics, encode_presence
 
@@ -209,21 +209,6 @@ def test_unusable_state_is_reported_and_training_starts_from_the_bundle(tmp_path
     (tmp_path / "d1" / STATE_FILE).write_bytes(b"not safetensors")
     agent = make_agent(tmp_path, broker)
     assert agent.stats.syncs == 0
-
-
-class CountingMeter:
-    """Deterministic joules: each training step costs 1 J (the trainer ticks it)."""
-
-    name, estimated = "counting", False
-
-    def __init__(self):
-        self.j = 0.0
-
-    def joules(self):
-        return self.j
-
-    def reserve_fraction(self):
-        return None
 
 
 class MeteredTrainer(QuadraticTrainer):

@@ -8,7 +8,7 @@ from device_runtime.adapter import flatten, unflatten
 from device_runtime.scheduler import make_scheduler
 from edge_broker.aggregation import make_strategy
 from edge_broker.node import Node, NodeConfig
-from fedkit import SIZE, SPECS, synthetic_manifest, update_bytes
+from fedkit import SIZE, SPECS, CountingMeter, synthetic_manifest, update_bytes
 from tomtit.transport import MemoryBroker
 from tomtit.wire import (ModelMessage, Presence, Topics, decode_acks, decode_error, decode_message,
                          encode_message, encode_presence)
@@ -258,19 +258,6 @@ def test_edge_pushes_upward_and_merges_the_parent_model(tmp_path):
     assert len(edge.outbox) == 0
 
 
-class TickMeter:
-    name, estimated = "tick", False
-
-    def __init__(self):
-        self.j = 0.0
-
-    def joules(self):
-        return self.j
-
-    def reserve_fraction(self):
-        return None
-
-
 def _model_msg(m, version, value):
     return encode_message(ModelMessage(
         kind="model", sender="cloud", job=JOB, bundle_id=m.bundle_id, base_version=0, version=version, num_samples=0,
@@ -281,7 +268,7 @@ def _model_msg(m, version, value):
 def test_an_edge_counts_its_own_joules_and_reports_the_cycle_energy_upward(tmp_path):
     """Issue 9: an edge's own joules never reached its scheduler (the energy term was empty)."""
     broker = MemoryBroker()
-    meter = TickMeter()
+    meter = CountingMeter()
     m = synthetic_manifest()
     edge = Node(NodeConfig(node_id="edge1", parent="cloud", job=JOB), manifest=m,
                 initial_adapter=np.zeros(SIZE, np.float32), buffer=make_strategy("fedbuff", k_updates=1),

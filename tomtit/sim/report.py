@@ -32,27 +32,20 @@ def plot_scenario(folder: Path, name: str, s: dict) -> list[str]:
     target = s["target"]["target_accuracy"]
     files = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m, r in runs.items():
-        ax.plot([p["t"] for p in r["accuracy"]], [p["accuracy"] for p in r["accuracy"]], label=r["setting"],
-                color=COLORS.get(m), lw=2 if m == "ours" else 1.2)
-    ax.axhline(target, ls="--", color="k", lw=0.8, label=f"target {target:.3f}")
-    ax.set(title=f"{name}: held-out accuracy of the global model (seed 0)", xlabel="virtual time (s)",
-           ylabel="accuracy")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    files.append(_save(fig, folder / "accuracy_vs_time.png"))
+    def accuracy_plot(x_of, xlabel: str, title: str, filename: str) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for m, r in runs.items():
+            ax.plot([x_of(p) for p in r["accuracy"]], [p["accuracy"] for p in r["accuracy"]], label=r["setting"],
+                    color=COLORS.get(m), lw=2 if m == "ours" else 1.2)
+        ax.axhline(target, ls="--", color="k", lw=0.8, label=f"target {target:.3f}")
+        ax.set(title=f"{name}: {title} (seed 0)", xlabel=xlabel, ylabel="held-out accuracy")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+        files.append(_save(fig, folder / filename))
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m, r in runs.items():
-        ax.plot([p["device_j"] / 1000 for p in r["accuracy"]], [p["accuracy"] for p in r["accuracy"]],
-                label=r["setting"], color=COLORS.get(m), lw=2 if m == "ours" else 1.2)
-    ax.axhline(target, ls="--", color="k", lw=0.8)
-    ax.set(title=f"{name}: accuracy against device energy spent (seed 0)", xlabel="device energy, all devices (kJ)",
-           ylabel="accuracy")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    files.append(_save(fig, folder / "accuracy_vs_energy.png"))
+    accuracy_plot(lambda p: p["t"], "virtual time (s)", "accuracy of the global model", "accuracy_vs_time.png")
+    accuracy_plot(lambda p: p["device_j"] / 1000, "device energy, all devices (kJ)",
+                  "accuracy against device energy spent", "accuracy_vs_energy.png")
 
     if "ours" in runs:
         fig, ax = plt.subplots(figsize=(7, 4.2))
