@@ -264,7 +264,7 @@ def simulate(scenarios: list[Scenario], *, bundle: str, data: str, out: Path, se
 def _scenario_summary(sc: Scenario, profiles: Profiles, runs: list[dict], best: dict, grid: dict, target: float,
                       central: dict, methods: tuple[str, ...]) -> dict[str, Any]:
     res: dict[str, Any] = {
-        "scenario": {k: (v if k != "events" else [asdict(e) for e in v]) for k, v in asdict(sc).items()},
+        "scenario": asdict(sc),  # recursive: events become dicts too
         "devices": [{"id": f"d{i:02d}", "board": sc.board_of(i, profiles).name, "link": sc.link_of(i, profiles).name,
                      "edge": f"e{sc.edge_of(i)}"} for i in range(sc.devices)],
         "target": {"central_accuracy": central["best_accuracy"], "fraction": sc.target_fraction,
