@@ -181,7 +181,7 @@ class _Run:
 
     # -- building --------------------------------------------------------------------------
     def _add_node(self, name: str, parent: str | None, children: int, link: Link, observer=None) -> None:
-        s, sc = self.s, self.sc
+        s = self.s
         clock = VirtualClock()
         board = self.p.boards.get("edge-server")
         meter = EmulatedMeter("edge-server", busy_watts=board.busy_w, idle_watts=board.idle_w) if parent else None

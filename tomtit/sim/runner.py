@@ -94,13 +94,13 @@ def central_reference(world: World, sc: Scenario) -> dict[str, Any]:
 _WORLD: World | None = None
 
 
-def _init_worker(bundle: str, data: str, test_fraction: float, eval_examples: int) -> None:
+def _init_worker(bundle: str, data: str, test_fraction: float, eval_examples: int, quiet: bool = True) -> None:
     global _WORLD
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Rejections and the like are counted in each run's result; a worker's log lines would only
-    # interleave on the terminal.
-    logging.getLogger("tomtit").addHandler(logging.NullHandler())
-    logging.getLogger("tomtit").propagate = False
+    if quiet:  # a spawned worker: rejections and the like are counted in each run's result; its
+        # log lines would only interleave on the terminal (inline, the caller's logging stands)
+        logging.getLogger("tomtit").addHandler(logging.NullHandler())
+        logging.getLogger("tomtit").propagate = False
     _WORLD = build_world(bundle, data, test_fraction=test_fraction, eval_examples=eval_examples)
 
 
@@ -129,7 +129,7 @@ class Pool:
             self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                              initargs=init_args)
         else:
-            _init_worker(*init_args)
+            _init_worker(*init_args, quiet=False)
 
     def map(self, tasks: list[tuple], progress: Callable[[dict], None]) -> list[dict]:
         from concurrent.futures import as_completed
@@ -209,10 +209,12 @@ def simulate(scenarios: list[Scenario], *, bundle: str, data: str, out: Path, se
     t0 = time.perf_counter()
     pool = Pool(workers, init)
     try:
-        world = _WORLD if workers == 1 else build_world(bundle, data, test_fraction=first.test_fraction,
-                                                        eval_examples=first.eval_examples)
-        central = _cached_central(bundle, data, first, lambda: central_reference(world, first))
-        del world
+        def reference() -> dict:  # only when not cached: the parent then opens the bundle once more
+            world = _WORLD if workers == 1 else build_world(bundle, data, test_fraction=first.test_fraction,
+                                                            eval_examples=first.eval_examples)
+            return central_reference(world, first)
+
+        central = _cached_central(bundle, data, first, reference)
         progress(f"centralised reference: best held-out accuracy {central['best_accuracy']:.4f} "
                  f"in {central['steps']} steps")
         seed_list = list(range(seeds))
