@@ -112,7 +112,6 @@ class Uplink:
         self.reference = np.array(reference, np.float32)
         self.base_version = base_version
         self.models_adopted = 0
-        self.sent = 0
         self.acked = 0
         self.rejected = 0
         self.bytes_up = 0
@@ -176,7 +175,6 @@ class Uplink:
         size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.sender),
                                   now)
         self.reference = self.reference + sent
-        self.sent += 1
         if self.cfg.wait_for_parent:
             self._waiting_since_version = self.base_version
         return size
