@@ -456,6 +456,7 @@ class MarginalValueScheduler(SyncScheduler):
         self.config = config or MarginalConfig()
         self._cycle = _Cycle(self.config.window)
         self.sync_cost_j = self.config.sync_cost_j
+        self._cost_measured = False  # S is still the prior
         self.average_rate: float | None = None  # R, per joule
         self.cycles = 0
         self._step_j: float | None = None  # EMA of a step's joules (fallback for bad readings)
@@ -552,7 +553,11 @@ class MarginalValueScheduler(SyncScheduler):
         self._offset = 0.0  # a new cycle starts from the loss as it is
         cost = _measured(cost_joules, _JOULE_LIMIT)
         if cost is not None:
-            self.sync_cost_j = _ema(self.sync_cost_j, cost, cfg.cost_weight)
+            # the first measurement replaces the prior rather than averaging with it: a 5 J guess
+            # against a 0.06 J Wi-Fi sync kept S wrong for several cycles (docs/evaluation.md §3)
+            self.sync_cost_j = _ema(self.sync_cost_j if self._cost_measured else None, cost,
+                                    cfg.cost_weight)
+            self._cost_measured = True
         else:
             cost = self.sync_cost_j  # not measured: the estimate stands in for this cycle
         secs = _measured(cost_seconds, _SECOND_LIMIT)
@@ -764,6 +769,7 @@ class AdaptiveScheduler(SyncScheduler):
         self._cycle = _Cycle(window=self.config.tau_max)  # a whole cycle: tau <= tau_max
         self._c: float | None = None
         self._b = self.config.sync_cost_j
+        self._b_measured = False
         self._eta_beta: float | None = None
         self._drift: float | None = None  # rho*delta
         self._rho: float | None = None
@@ -785,8 +791,9 @@ class AdaptiveScheduler(SyncScheduler):
                   cost_seconds: float | None = None) -> None:
         cfg = self.config
         cost = _measured(cost_joules, _JOULE_LIMIT)
-        if cost is not None:
-            self._b = _ema(self._b, cost, cfg.weight)
+        if cost is not None:  # as in the marginal rule, the first measurement replaces the prior
+            self._b = _ema(self._b if self._b_measured else None, cost, cfg.weight)
+            self._b_measured = True
         self._learn_from_cycle()
         self._cycle = _Cycle(window=cfg.tau_max)
         self._reset_cycle()

@@ -234,12 +234,13 @@ def test_marginal_rule_inside_the_agent_a_late_joiner_under_a_quiet_parent_keeps
     meter = CountingMeter()
     agent = DeviceAgent(
         DeviceConfig(device_id="d1", parent="edge", job=JOB, codec="f32", wait_for_model_s=0.0, resend_after_s=1e9,
-                     link_joules_per_mb=0.0),
+                     link_joules_per_mb=2e4),
         manifest=m, trainer=MeteredTrainer(meter, lr=0.01), batches=DummyBatches(), num_samples=50, meter=meter,
         scheduler=make_scheduler("marginal:tau_min=2,tau_max=50,sync_cost_j=5,cheap_share=0,measure_first=no"), transport=broker.client("d1"),
         state_dir=tmp_path / "d1")
-    # The Charnov test alone (cheap_share=0, measure_first=no): here a sync is nearly free, and the
-    # cheap-sync rule would end every cycle at tau_min and hide the staleness bug.
+    # The Charnov test alone (cheap_share=0, measure_first=no), with a sync that costs a few joules
+    # (a costly radio: the update's bytes x 2e4 J/MB): with a free sync the optimum is tau_min
+    # anyway, and that would hide the staleness bug.
     agent._on_connection_change()
     for _ in range(150):
         agent.step()

@@ -186,13 +186,17 @@ def test_marginal_sync_reason_is_readable():
 
 def test_sync_cost_is_learned_by_ema_of_measured_costs():
     sched = MarginalValueScheduler(MarginalConfig(**PURE, sync_cost_j=5.0, cost_weight=0.5))
-    expected = 5.0
+    sched.on_synced(cost_joules=None)  # nothing measured yet: the prior stands
+    assert sched.sync_cost_j == 5.0
+    expected = None
     for cost in (9.0, 1.0, 4.0):
         for k in range(1, 6):
             sched.observe(step(L0 - 0.01 * k))
         sched.on_synced(cost_joules=cost)
-        expected = 0.5 * expected + 0.5 * cost
+        # the first measurement replaces the 5 J prior; later ones are averaged in
+        expected = cost if expected is None else 0.5 * expected + 0.5 * cost
         assert sched.sync_cost_j == pytest.approx(expected)
+    assert expected == pytest.approx(0.5 * (0.5 * 9.0 + 0.5 * 1.0) + 0.5 * 4.0)
     sched.on_synced(cost_joules=None)  # not measured: estimate unchanged
     assert sched.sync_cost_j == pytest.approx(expected)
 
@@ -611,3 +615,11 @@ def test_an_expensive_sync_leaves_the_decision_to_the_marginal_rule():
     pure = MarginalValueScheduler(MarginalConfig(sync_cost_j=10.0, **PURE))
     k1 = next(k for k in range(1, 500) if pure.observe(step(L0 - gain(1.0, 20.0, k))).sync)
     assert k0 == k1  # 0.1 x e_k < S until long after the rule's own optimum
+
+
+def test_adaptive_takes_its_first_measured_sync_cost_over_the_prior():
+    _, sched, last = run_adaptive(b=0.06, cycles=1, cfg=AdaptiveConfig(tau_init=10, tau_max=60, weight=0.3))
+    # one measured 0.06 J sync: b is that measurement, not 0.7 x 5 J prior + 0.3 x 0.06 J
+    assert last.estimate["sync_cost_j"] == pytest.approx(0.06)
+    _, sched, last = run_adaptive(b=0.06, cycles=3, cfg=AdaptiveConfig(tau_init=10, tau_max=60, weight=0.3))
+    assert last.estimate["sync_cost_j"] == pytest.approx(0.06)  # averaging equal costs keeps them

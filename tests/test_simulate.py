@@ -131,3 +131,38 @@ def test_tiny_simulation_writes_its_folder_and_is_deterministic(tmp_path, tiny_b
     assert sum(d["idle_j"] for d in hier["devices"]) > 0  # synchronous rounds wait, and waiting costs idle power
     assert sum(d["idle_j"] for d in ours["devices"]) == pytest.approx(0, abs=5.0)  # asynchronous: only the start
 
+
+
+def test_paced_evaluation_scores_a_held_model_at_its_own_publish_time():
+    import numpy as np
+
+    from edge_broker.observers import EvaluateAndStop
+    from tomtit.sim.engine import _PacedEvaluation
+
+    scored = []
+
+    def evaluator(model):
+        scored.append(float(model[0]))
+        return float(model[0]), 0.0  # the "accuracy" is written in the model
+
+    energy = [0.0]
+    inner = EvaluateAndStop(evaluator, target_accuracy=0.9)
+    paced = _PacedEvaluation(inner, every_s=0.5, device_energy=lambda: energy[0])
+
+    def publish(version, acc, t, joules):
+        energy[0] = joules
+        return paced.on_model(version, np.array([acc]), t)
+
+    assert publish(0, 0.1, 0.0, 0.0) is None and paced.due() is None  # scored at once
+    assert publish(1, 0.5, 0.1, 10.0) is None  # within 0.5 s of the last score: held
+    assert publish(2, 0.95, 0.3, 30.0) is None  # replaces the held one
+    assert paced.due() == pytest.approx(0.5)
+    energy[0] = 99.0  # the flush comes later; the score keeps the publish-time energy
+    assert paced.flush() == "target accuracy 0.9 reached"
+    assert scored == [0.1, 0.95]  # version 1 was never scored
+    assert [h["t"] for h in inner.history] == [0.0, 0.3]
+    assert [h["version"] for h in inner.history] == [0, 2]
+    assert paced.energy_at == [0.0, 30.0]
+    assert paced.due() is None and paced.flush() is None
+    # the next model 0.5 s after the last *scored* publish time is scored at once
+    assert publish(3, 0.2, 0.8, 40.0) is None and len(inner.history) == 3 and paced.due() is None

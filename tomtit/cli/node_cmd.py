@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from device_runtime.bundle import open_bundle
     from device_runtime.energy import detect_meter
     from device_runtime.scheduler import make_scheduler
-    from edge_broker.aggregation import make_strategy
+    from edge_broker.aggregation import BufferConfig, make_strategy
     from edge_broker.node import Node, NodeConfig
     from edge_broker.observers import EvaluateAndStop, Evaluator
     from tomtit.cli import CliError
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         run_config = RunConfig(job=args.job, bundle_id=m.bundle_id, up_codec=args.up_codec,
                                device_scheduler=args.device_scheduler, edge_scheduler=args.edge_scheduler,
                                k_updates=args.k or 3, max_wait_s=args.max_wait or 30.0,
-                               max_staleness=args.max_staleness if args.max_staleness is not None else 10,
+                               max_staleness=(args.max_staleness if args.max_staleness is not None
+                                              else BufferConfig().max_staleness),
                                staleness_exponent=0.5, target_accuracy=args.target_accuracy,
                                deadline_s=60 * args.max_minutes if args.max_minutes else None, created_at=time.time())
         make_scheduler(run_config.device_scheduler), make_scheduler(run_config.edge_scheduler)  # fail here, not there

@@ -32,7 +32,7 @@ from device_runtime.scheduler import make_scheduler
 from device_runtime.trainer import PortableBackend, Trainer, TrainerConfig
 from edge_broker.aggregation import make_strategy
 from edge_broker.node import Node, NodeConfig
-from edge_broker.observers import EvaluateAndStop, Evaluator
+from edge_broker.observers import EvaluateAndStop, Evaluator, ModelObserver
 from tomtit.sim.config import Board, Link, Profiles, Scenario
 from tomtit.sim.network import Endpoint, SimNetwork
 from tomtit.transport import Will
@@ -59,6 +59,53 @@ class VirtualClock:
 
     def __call__(self) -> float:
         return self.t
+
+
+class _PacedEvaluation(ModelObserver):
+    """The cloud's `EvaluateAndStop`, scoring at most one global model per `every_s` virtual s.
+
+    A model that comes sooner is held (a newer one replaces it) and scored when its turn comes,
+    stamped with its *own* publish time and the device energy spent by then, so a method is never
+    credited later than it earned, only with a resolution of `every_s`. The same rule for every
+    method. The run loop asks `due()` when to come back and calls `flush()` then.
+    """
+
+    def __init__(self, inner: EvaluateAndStop, every_s: float, device_energy) -> None:
+        self.inner, self.every_s, self.device_energy = inner, every_s, device_energy
+        self.energy_at: list[float] = []  # device joules when each scored model was published
+        self._last_t: float | None = None
+        self._held: tuple[int, np.ndarray, float, float] | None = None
+
+    def on_model(self, version: int, model: np.ndarray, elapsed_s: float) -> str | None:
+        energy = self.device_energy()
+        if self._last_t is None or elapsed_s - self._last_t >= self.every_s:
+            self._held = None
+            return self._score(version, model, elapsed_s, energy)
+        self._held = (version, model.copy(), elapsed_s, energy)
+        return None
+
+    def due(self) -> float | None:
+        return None if self._held is None or self._last_t is None else self._last_t + self.every_s
+
+    def flush(self) -> str | None:
+        if self._held is None:
+            return None
+        held, self._held = self._held, None
+        return self._score(*held)
+
+    def _score(self, version: int, model: np.ndarray, t: float, energy: float) -> str | None:
+        before = len(self.inner.history)
+        reason = self.inner.on_model(version, model, t)
+        if len(self.inner.history) > before:
+            self.energy_at.append(round(energy, 3))
+            self._last_t = max(t, self._last_t or 0.0)
+        return reason
+
+    def telemetry(self) -> dict[str, Any]:
+        return self.inner.telemetry()
+
+    def summary(self) -> dict[str, Any]:
+        return self.inner.summary()
 
 
 class _SimTrainer(Trainer):
@@ -155,11 +202,14 @@ class _Run:
         joiners = {ev.device for ev in sc.events if ev.kind == "join"}
         present = [i for i, d in enumerate(sc.device_ids()) if d not in joiners]
         children = {"cloud": sc.edges if not setting.flat else len(present)}
+        self.target = target
+        self.now = 0.0  # the virtual time of the event being handled
         self.observer = EvaluateAndStop(world.evaluator, target)
-        self.energy_at_eval: list[float] = [0.0]  # the initial evaluation (at start) cost nothing yet
+        self.paced = _PacedEvaluation(self.observer, sc.eval_every_s, self._device_energy)
+        self._eval_due: float | None = None  # the pending "eval" event's time
         self.devices: dict[str, _Device] = {}
         self._timers: dict[str, float] = {}  # node -> the deadline its pending timer event is for
-        self._add_node("cloud", None, children["cloud"], profiles.links[sc.edge_link], observer=self.observer)
+        self._add_node("cloud", None, children["cloud"], profiles.links[sc.edge_link], observer=self.paced)
         for e in range(n_edges):
             kids = max(1, sum(1 for i in present if sc.edge_of(i) == e))
             self._add_node(f"e{e}", "cloud", kids, profiles.links[sc.edge_link])
@@ -262,12 +312,44 @@ class _Run:
                     self._on_step(who, t)
                 elif kind == "timer":
                     self._run_node(who, t)
+                elif kind == "eval":
+                    self.now = t
+                    if self._eval_due is not None and t >= self._eval_due:
+                        self._eval_due = None
+                        reason = self.paced.flush()
+                        if reason:
+                            stop_reason = reason
+                            break
+                        self._schedule_eval()
                 else:
                     self._on_event(data, t)
             if cloud.finished:
                 stop_reason = cloud.stats.stop_reason
                 break
+        if not self._reached():
+            self.paced.flush()  # a model held for its turn is scored: it was published in time
         return self._result(now, stop_reason)
+
+    def _schedule_eval(self) -> None:
+        due = self.paced.due()
+        if due is not None and self._eval_due != due:
+            self._eval_due = due
+            self._push(due, "eval", "cloud")
+
+    def _device_energy(self) -> float:
+        """Device joules by now, counting the idle time of devices waiting right now."""
+        total = 0.0
+        for d in self.devices.values():
+            total += d.meter.joules()
+            if d.idle_since is not None and not d.gone:
+                total += max(0.0, self.now - d.idle_since) * d.meter.idle_watts
+        return total
+
+    def _reached(self) -> dict | None:
+        """The first scored model at the target, if any (its publish time is the time to target)."""
+        if self.target is None:
+            return None
+        return next((h for h in self.observer.history if h["accuracy"] >= self.target), None)
 
     def _on_delivery(self, who: str, t: float) -> None:
         if who in self.nodes:
@@ -310,11 +392,10 @@ class _Run:
         node, clock, meter, board = self.nodes[name]
         clock.t = max(clock.t, t)
         before = node.stats.accepted
-        evals = len(self.observer.history)
+        self.now = clock.t
         node.run_once(timeout=0)
-        if name == "cloud" and len(self.observer.history) > evals:
-            # device energy spent by the time of this global model (energy vs accuracy plots)
-            self.energy_at_eval.append(round(sum(d.meter.joules() for d in self.devices.values()), 3))
+        if name == "cloud":
+            self._schedule_eval()
         if meter is not None and board is not None:
             meter.add_busy(board.agg_s_per_update * (node.stats.accepted - before))
         self._after_node(name)
@@ -345,7 +426,8 @@ class _Run:
     # -- results ---------------------------------------------------------------------------
     def _result(self, t_end: float, stop_reason: str) -> dict[str, Any]:
         hist = self.observer.history
-        reached = self.nodes["cloud"][0].finished and "target" in stop_reason
+        first = self._reached()
+        reached = first is not None
         devices = []
         for dev in self.devices.values():
             if dev.idle_since is not None and not dev.gone and dev.agent is not None:
@@ -370,13 +452,15 @@ class _Run:
         nb = self.net.bytes
         return {
             "method": self.s.method, "setting": self.s.label, "seed": self.seed, "reached": reached,
-            "time_to_target_s": round(t_end, 3) if reached else None,
-            "device_energy_j": round(sum(d["joules"] for d in devices), 3),
+            "time_to_target_s": first["t"] if first else None,
+            # to the target: when the first model at the target was published; else the whole run
+            "device_energy_j": (self.paced.energy_at[hist.index(first)] if first
+                                else round(sum(d["joules"] for d in devices), 3)),
             "end_s": round(t_end, 3), "stop_reason": stop_reason,
             "final_accuracy": hist[-1]["accuracy"] if hist else None,
             "best_accuracy": max((h["accuracy"] for h in hist), default=None),
             "accuracy": [{"t": h["t"], "version": h["version"], "accuracy": round(h["accuracy"], 4), "device_j": e}
-                         for h, e in zip(hist, self.energy_at_eval)],
+                         for h, e in zip(hist, self.paced.energy_at)],
             "bytes": {"device_up": nb[("device", "up")], "device_down": nb[("device", "down")],
                       "edge_up": nb[("edge", "up")], "edge_down": nb[("edge", "down")],
                       "cloud_up": nb[("cloud", "up")], "cloud_down": nb[("cloud", "down")]},
