@@ -38,6 +38,9 @@ from tomtit.manifest import Manifest
 from tomtit.outbox import Outbox, send_due
 from tomtit.transport import Transport
 from tomtit.wire import (
+    MAX_ENERGY_J,
+    MAX_LOCAL_STEPS,
+    MAX_NUM_SAMPLES,
     Ack,
     ModelMessage,
     Topics,
@@ -135,6 +138,8 @@ class Uplink:
         """Validate a parent model message (raises WireError with the reason)."""
         msg = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
                              max_bytes=self.cfg.max_model_bytes, expect_kind="model", expect_job=self.cfg.job)
+        if msg.is_delta:  # adopting a delta as the model would replace our model with a difference
+            raise WireError("not_full", "a parent model must carry full adapter values (is_delta=false)")
         return ParentModel(msg.version, msg.sender, flatten(dict(msg.tensors), self.manifest.trainable))
 
     def is_new(self, model: ParentModel) -> bool:
@@ -168,8 +173,12 @@ class Uplink:
         delta = np.asarray(local, np.float32) - self.reference
         msg = ModelMessage(
             kind="update", sender=self.cfg.sender, job=self.cfg.job, bundle_id=self.manifest.bundle_id,
-            base_version=self.base_version, version=version, num_samples=max(1, int(num_samples)),
-            local_steps=max(1, int(local_steps)), train_loss=float(train_loss), energy_j=max(0.0, float(energy_j)),
+            # clamped to the wire's ranges: an edge's sums over its children must not make its own
+            # update illegal (each child's values were range-checked on arrival)
+            base_version=self.base_version, version=version,
+            num_samples=min(max(1, int(num_samples)), MAX_NUM_SAMPLES),
+            local_steps=min(max(1, int(local_steps)), MAX_LOCAL_STEPS), train_loss=float(train_loss),
+            energy_j=min(max(0.0, float(energy_j)), MAX_ENERGY_J),
             is_delta=True, created_at=now, codec=self.cfg.codec, update_id=new_update_id(),
             tensors=unflatten(delta, self.manifest.trainable))
         size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.sender),

@@ -28,8 +28,8 @@ in-memory network, and both drive this same object.
 """
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -90,6 +90,10 @@ class NodeConfig:
     max_update_bytes: int = 64 << 20  # refuse bigger payloads before parsing them
     max_update_norm: float = 100.0  # L2 bound on one child delta: catches exploded or hostile updates
     max_local_steps: int = 1000  # bound on one update's local steps (>= every scheduler's tau_max): convergence needs it
+    # An update built on a version ahead of ours is legal only after this node lost its state (it
+    # is then counted as fresh); this far ahead it is junk, and its id could never be pruned
+    # from `seen` (prune_seen keeps it until our version passes its base), so it is refused.
+    max_base_ahead: int = 10_000
     model_codec: str = "f32"  # models go down exactly: every child must start from the same point
     up_codec: str = "f16"  # an edge's pushes upward
     chunk_bytes: int = 1_000_000  # split payloads above this (EMQX's default packet limit is 1 MB)
@@ -255,12 +259,14 @@ class Node:
                 self._publish(topic, encode_acks(acks[i:i + MAX_ACKS_PER_MESSAGE]))
         self._acks_out.clear()
 
-    def _reject(self, child: str, update_id: str, reason: str, detail: str) -> None:
+    def _reject(self, child: str, update_id: str, reason: str, detail: str, *, ack: bool = True) -> None:
+        """Count, report on errors/ and (with `ack`) tell the sender, which then drops the update.
+        ack=False where a clean re-send would succeed: the sender keeps it and re-sends."""
         self.stats.rejected[reason] += 1
         log.warning("rejected update %s from %s: %s (%s)", update_id[:8] or "?", child, reason, detail[:200])
         self._publish(self.topics.errors(self.cfg.node_id),
                       encode_error(ErrorReport(update_id=update_id, sender=child, reason=reason, detail=detail)))
-        if update_id:
+        if update_id and ack:
             self._ack(child, update_id, "rejected", reason)
 
     # -- connection ------------------------------------------------------------------------
@@ -304,6 +310,24 @@ class Node:
         else:
             log.warning("ignored a message on %s", topic)
 
+    def _handle_guarded(self, topic: str, payload: bytes) -> None:
+        """`handle`, with a last line of defence: every parser is meant to raise WireError on
+        bad input, but a message that still finds an unexpected exception must cost one
+        rejection (reason `internal`, logged with its traceback), not the node."""
+        try:
+            self.handle(topic, payload)
+        except (MemoryError, RecursionError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+                ArithmeticError, AttributeError) as e:
+            log.exception("internal error handling a message on %s", topic)
+            child = ""
+            if topic.startswith(self._up_prefix):
+                try:
+                    child = self.topics.parse_up(topic)[1]
+                except WireError:
+                    pass
+            self._reject(child, _update_id_hint(payload) if child else "", "internal",
+                         f"{type(e).__name__}: {str(e)[:200]}")
+
     def _on_presence(self, topic: str, payload: bytes) -> None:
         try:
             who = self.topics.parse_status(topic)
@@ -324,9 +348,15 @@ class Node:
     def _on_update_payload(self, child: str, payload: bytes) -> None:
         if is_chunk(payload):
             try:
-                whole = self.reassembler.add(payload, self.clock())
+                # keyed by the child's topic too: one set cannot be assembled from two children's chunks
+                whole = self.reassembler.add(payload, self.clock(), source=child)
             except WireError as e:
-                self._reject(child, "", e.reason, e.detail)
+                # A chunk that is bad in itself would be bad again when re-sent: the sender is told
+                # (by the chunk's update id) and drops it. A set that went wrong (chunks disagreeing
+                # with each other) is reported but not acked: the sender's re-send of the whole set
+                # after its timeout starts a clean one, and its progress is not thrown away.
+                self._reject(child, _update_id_hint(payload), e.reason, e.detail,
+                             ack=e.reason not in _SET_ERRORS)
                 return
             if whole is None:
                 return
@@ -337,12 +367,21 @@ class Node:
         except WireError as e:
             self._reject(child, _update_id_hint(payload), e.reason, e.detail)
             return
+        if not msg.is_delta:
+            # full adapter values added as a delta would double the model
+            self._reject(child, msg.update_id, "not_delta", "an update must carry a delta (is_delta=true)")
+            return
         if msg.update_id in self.seen:
             self.stats.duplicates += 1
             self._ack(child, msg.update_id, "duplicate")  # its first ack may have been lost
             return
         if msg.update_id in self.buffer:
             return  # a re-send of something waiting in the buffer: acked when applied
+        if msg.base_version > self.version + self.cfg.max_base_ahead:
+            self._reject(child, msg.update_id, "future_base",
+                         f"base_version {msg.base_version} is more than {self.cfg.max_base_ahead} "
+                         f"versions ahead of ours ({self.version})")
+            return
         if msg.base_version < self.seen_horizon:
             # it may be an applied update whose id was pruned (prune_seen): never apply it again
             self._reject(child, msg.update_id, "stale",
@@ -562,7 +601,7 @@ class Node:
         msg = self.transport.get(timeout)
         batch_start, handled = self.clock(), 0
         while msg is not None:
-            self.handle(msg.topic, msg.payload)
+            self._handle_guarded(msg.topic, msg.payload)
             self._apply_ready(self.clock())  # every aggregation is exactly K updates, even in a burst
             handled += 1
             if handled >= self.cfg.commit_max_updates or self.clock() - batch_start >= self.cfg.commit_max_s:
@@ -570,8 +609,12 @@ class Node:
             msg = self.transport.get(0)
         now = self.clock()
         self._apply_ready(now)  # the buffer's timer, or children gone offline
-        self.commit()
-        self.reassembler.expire(now)
+        for child, update_id in self.reassembler.expire(now):
+            # reported (it used to vanish without a trace); not acked: the sender re-sends the set
+            self._reject(child, update_id, "incomplete",
+                         f"chunk set incomplete after {self.cfg.chunk_timeout_s:g} s (or evicted); "
+                         f"the sender's re-send starts it again", ack=False)
+        self.commit()  # sends the acks gathered above
         self.flush_outbox()
         self.telemetry(now)
         if self.cfg.max_minutes is not None and now - self.started >= 60 * self.cfg.max_minutes:
@@ -633,17 +676,22 @@ def _parses(parse, topic: str) -> bool:
         return False
 
 
-def _update_id_hint(payload: bytes) -> str:
-    """The update_id of a payload that failed validation, if its header is readable: it lets us
-    ack the rejection so the sender stops re-sending. Never trusted for anything else."""
-    import re
+# chunk errors of a set rather than of one chunk (see `_on_update_payload`)
+_SET_ERRORS = frozenset({"chunk_mismatch", "chunk_conflict", "bad_checksum"})
+_UPDATE_ID_IN_HEADER = re.compile(rb'"update_id"\s*:\s*"([0-9a-f]{32})"')
 
-    try:
-        n = int.from_bytes(payload[:8], "little")
-        if n > 100_000 or n + 8 > len(payload):
-            return ""
-        meta = json.loads(payload[8 : 8 + n]).get("__metadata__", {})
-        uid = str(meta.get("update_id", ""))
-        return uid if re.fullmatch(r"[0-9a-f]{32}", uid) else ""
-    except (ValueError, AttributeError, UnicodeDecodeError):
+
+def _update_id_hint(payload: bytes) -> str:
+    """The update_id of a payload that failed validation, if its header names exactly one: it
+    lets us ack the rejection so the sender stops re-sending. Never trusted for anything else.
+
+    A bounded regex scan of the header bytes, not a JSON parse: this runs on exactly the
+    payloads that failed validation (a deeply nested header made json.loads raise
+    RecursionError here, outside any handler, and killed the node)."""
+    if len(payload) < 8:
         return ""
+    n = int.from_bytes(payload[:8], "little")
+    if n > 100_000 or n + 8 > len(payload):
+        return ""
+    found = {m.group(1) for m in _UPDATE_ID_IN_HEADER.finditer(payload, 8, 8 + n)}
+    return found.pop().decode("ascii") if len(found) == 1 else ""

@@ -54,13 +54,15 @@ class DummyBatches:
 
 def update_bytes(delta: np.ndarray, *, sender: str, manifest: Manifest, base_version: int = 0,
                  num_samples: int = 10, local_steps: int = 5, update_id: str | None = None,
-                 job: str = "t", codec: str = "f32") -> tuple[str, bytes]:
+                 job: str = "t", codec: str = "f32", is_delta: bool = True, train_loss: float = 1.0
+                 ) -> tuple[str, bytes]:
     from device_runtime.adapter import unflatten
 
     uid = update_id or new_update_id()
     msg = ModelMessage(kind="update", sender=sender, job=job, bundle_id=manifest.bundle_id,
                        base_version=base_version, version=1, num_samples=num_samples, local_steps=local_steps,
-                       train_loss=1.0, energy_j=2.0, is_delta=True, created_at=1.0, codec=codec, update_id=uid,
+                       train_loss=train_loss, energy_j=2.0, is_delta=is_delta, created_at=1.0, codec=codec,
+                       update_id=uid,
                        tensors=unflatten(np.asarray(delta, np.float32), manifest.trainable))
     return uid, encode_message(msg)
 

@@ -94,7 +94,28 @@ def _nan_payload(m):
     return uid, p.replace(needle, np.float32(np.nan).tobytes())
 
 
+def _with_meta(payload: bytes, **changes: str) -> bytes:
+    """The same update with metadata values replaced (as a hostile sender could write them)."""
+    from safetensors.numpy import load, save
+
+    n = int.from_bytes(payload[:8], "little")
+    meta = json.loads(payload[8:8 + n])["__metadata__"]
+    return save(load(payload), metadata={**meta, **changes})
+
+
+def _nested_header_payload(uid: str) -> bytes:
+    """~10 KB of nested JSON in a safetensors header that names an update id: the parser refuses
+    it, and the node's ack helper used to die on it with RecursionError."""
+    header = ('{"__metadata__":{"update_id":"%s"},"x":' % uid + "[" * 5000 + "]" * 5000 + "}").encode()
+    return len(header).to_bytes(8, "little") + header
+
+
 @pytest.mark.parametrize("case,reason", [
+    ("nested_header", "not_safetensors"),
+    ("not_delta", "not_delta"),
+    ("huge_num_samples", "bad_metadata"),
+    ("huge_loss", "bad_metadata"),
+    ("future_base", "future_base"),
     ("wrong_shape", "wrong_shape"),
     ("nan", "not_finite"),
     ("other_bundle", "wrong_bundle"),
@@ -111,7 +132,20 @@ def test_bad_update_is_rejected_with_reason_and_model_unchanged(tmp_path, case, 
     before = node.model.copy()
     ok = np.full(SIZE, 0.01, np.float32)
     uid = ""
-    if case == "wrong_shape":
+    if case == "nested_header":
+        uid = "ab" * 16
+        payload = _nested_header_payload(uid)
+    elif case == "not_delta":  # full values added as a delta would double the model
+        uid, payload = update_bytes(ok, sender="c1", manifest=m, job=JOB, is_delta=False)
+    elif case == "huge_num_samples":  # 19 digits: legal as int64, but a node's sum would not be
+        uid, payload = update_bytes(ok, sender="c1", manifest=m, job=JOB)
+        payload = _with_meta(payload, num_samples="9" * 19)
+    elif case == "huge_loss":  # two of these averaged to inf in an edge's push
+        uid, payload = update_bytes(ok, sender="c1", manifest=m, job=JOB)
+        payload = _with_meta(payload, train_loss="1e308")
+    elif case == "future_base":  # would sit in the seen-ids set (and every checkpoint) for ever
+        uid, payload = update_bytes(ok, sender="c1", manifest=m, job=JOB, base_version=10**15)
+    elif case == "wrong_shape":
         from safetensors.numpy import save
         uid, good = update_bytes(ok, sender="c1", manifest=m, job=JOB)
         meta = json.loads(good[8: 8 + int.from_bytes(good[:8], "little")])["__metadata__"]
@@ -142,6 +176,74 @@ def test_bad_update_is_rejected_with_reason_and_model_unchanged(tmp_path, case, 
         assert [(a.update_id, a.status, a.reason) for a in acks(msgs)] == [(uid, "rejected", reason)]
     np.testing.assert_array_equal(node.model, before)
     assert node.stats.rejected[reason] == 1 and node.stats.accepted == 0
+    assert not node.seen
+
+
+def test_a_chunk_set_left_incomplete_or_refused_is_reported_to_its_sender(tmp_path):
+    from tomtit.manifest import TensorSpec
+    from tomtit.wire import split_payload
+
+    broker = MemoryBroker()
+    clock = Clock()
+    big = synthetic_manifest(specs=(TensorSpec("w", (40, 25)),))
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1, manifest=big, clock=clock,
+                        chunk_timeout_s=10.0)
+    c1 = child(broker)
+    uid, p = update_bytes(np.full(m.buffer_size, 0.01, np.float32), sender="c1", manifest=m, job=JOB)
+    chunks = split_payload(p, update_id=uid, limit=1024)
+    for ch in chunks[:-1]:  # the last chunk never comes
+        c1.publish(T.up("cloud", "c1"), ch)
+    node.run_once(timeout=0)
+    assert acks(drain(c1)) == []
+    clock.t += 11
+    node.run_once(timeout=0)
+    msgs = drain(c1)
+    # reported by update id; not acked, so the sender keeps the update and re-sends the set
+    assert [(e.reason, e.update_id, e.sender) for e in errors(msgs)] == [("incomplete", uid, "c1")]
+    assert acks(msgs) == [] and node.stats.rejected["incomplete"] == 1
+    for ch in chunks:  # the re-send
+        c1.publish(T.up("cloud", "c1"), ch)
+    node.run_once(timeout=0)
+    assert [(a.update_id, a.status) for a in acks(drain(c1))] == [(uid, "applied")]
+    applied = node.model.copy()
+    # a chunk that disagrees with its set: reported, not acked (a clean re-send would succeed)
+    uid2, p2 = update_bytes(np.full(m.buffer_size, 0.02, np.float32), sender="c1", manifest=m, job=JOB)
+    good = split_payload(p2, update_id=uid2, limit=1024)
+    other = split_payload(p2 + b"\0", update_id=uid2, limit=1024)  # same id, other size and sha256
+    c1.publish(T.up("cloud", "c1"), good[0])
+    c1.publish(T.up("cloud", "c1"), other[1])
+    node.run_once(timeout=0)
+    msgs = drain(c1)
+    assert [(e.reason, e.update_id) for e in errors(msgs)] == [("chunk_mismatch", uid2)] and acks(msgs) == []
+    # a chunk bad in itself (index beyond its total) would be bad again: the sender is told
+    bad = _with_meta(good[2], index="99")
+    c1.publish(T.up("cloud", "c1"), bad)
+    node.run_once(timeout=0)
+    assert [(a.update_id, a.status, a.reason) for a in acks(drain(c1))] == [(uid2, "rejected", "bad_chunk")]
+    np.testing.assert_array_equal(node.model, applied)
+
+
+def test_an_edge_push_stays_legal_with_children_at_the_wire_limits(tmp_path):
+    """Legal extremes from children (num_samples and train_loss at their bounds) used to make the
+    edge's own push illegal (a sum too large, a mean of inf) and kill the edge."""
+    from tomtit.wire import MAX_ABS_LOSS, MAX_NUM_SAMPLES
+
+    broker = MemoryBroker()
+    edge, m = make_node(tmp_path, broker, node_id="e0", parent="cloud", strategy="fedbuff", children=2,
+                        scheduler=make_scheduler("fixed:2"))
+    up = broker.client("cloud")
+    up.subscribe(T.up("cloud", "e0"))
+    for name in ("c1", "c2"):
+        child(broker, node="e0", name=name)
+        _, p = update_bytes(np.full(SIZE, 0.01, np.float32), sender=name, manifest=m, job=JOB,
+                            num_samples=MAX_NUM_SAMPLES, train_loss=MAX_ABS_LOSS)
+        broker.client(name).publish(T.up("e0", name), p)
+        edge.run_once(timeout=0)
+    pushed = [decode_message(x.payload, expected=SPECS, bundle_id=m.bundle_id, max_bytes=1 << 20)
+              for x in drain(up)]
+    assert len(pushed) == 1 and edge.stats.pushes_up == 1
+    assert pushed[0].num_samples == MAX_NUM_SAMPLES  # the sum, clamped to the wire's bound
+    assert pushed[0].train_loss == MAX_ABS_LOSS
 
 
 def test_replayed_update_is_acked_as_duplicate_never_reapplied_even_after_restart(tmp_path):
@@ -258,11 +360,24 @@ def test_edge_pushes_upward_and_merges_the_parent_model(tmp_path):
     assert len(edge.outbox) == 0
 
 
-def _model_msg(m, version, value):
+def _model_msg(m, version, value, is_delta=False):
     return encode_message(ModelMessage(
         kind="model", sender="cloud", job=JOB, bundle_id=m.bundle_id, base_version=0, version=version, num_samples=0,
-        local_steps=0, train_loss=0.0, energy_j=0.0, is_delta=False, created_at=1.0,
+        local_steps=0, train_loss=0.0, energy_j=0.0, is_delta=is_delta, created_at=1.0,
         tensors=unflatten(np.full(SIZE, value, np.float32), SPECS)))
+
+
+def test_a_parent_model_marked_as_a_delta_is_not_adopted(tmp_path):
+    broker = MemoryBroker()
+    edge, m = make_node(tmp_path, broker, node_id="e0", parent="cloud", strategy="fedbuff", children=1,
+                        initial=np.full(SIZE, 0.5, np.float32), scheduler=make_scheduler("fixed:2"))
+    broker.client("cloud").publish(T.down("cloud"), _model_msg(m, 3, 0.1, is_delta=True), retain=True)
+    edge.run_once(timeout=0)
+    np.testing.assert_array_equal(edge.model, np.full(SIZE, 0.5, np.float32))
+    assert edge.parent_version == 0
+    broker.client("cloud").publish(T.down("cloud"), _model_msg(m, 4, 0.1), retain=True)
+    edge.run_once(timeout=0)
+    assert edge.parent_version == 4
 
 
 def test_an_edge_counts_its_own_joules_and_reports_the_cycle_energy_upward(tmp_path):

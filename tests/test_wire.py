@@ -626,14 +626,14 @@ def test_timeout_expiry():
         r.add(c, now=100.0)
     assert r.expire(110.0) == []  # exactly timeout_s old: not yet older
     assert r.in_flight == 1 and r.buffered_bytes > 0
-    assert r.expire(110.5) == [UID]
+    assert r.expire(110.5) == [("", UID)]
     assert r.in_flight == 0 and r.buffered_bytes == 0
     assert r.expire(111.0) == []
     # the rest arriving late cannot complete the dropped set
     assert all(r.add(c, now=111.0) is None for c in chunks[half:])
     # and add() itself drops what is stale, reporting it at the next expire()
     r.add(split_payload(_payload(seed=1), update_id="f" * 32, limit=4096)[0], now=200.0)
-    assert r.in_flight == 1 and r.expire(200.0) == [UID]
+    assert r.in_flight == 1 and r.expire(200.0) == [("", UID)]
 
 
 def test_in_flight_sets_are_capped():
@@ -644,8 +644,21 @@ def test_in_flight_sets_are_capped():
     for t, chunks in enumerate(sets):
         r.add(chunks[0], now=float(t))
     assert r.in_flight == 2
-    assert r.expire(3.0) == [ids[0]]  # the oldest was evicted
+    assert r.expire(3.0) == [("", ids[0])]  # the oldest was evicted
     assert [r.add(c, 4.0) for c in sets[2][1:]][-1] == payloads[2]
+
+
+def test_a_chunk_set_never_combines_chunks_from_two_sources():
+    payload = _payload()
+    chunks = split_payload(payload, update_id=UID, limit=4096)
+    r = Reassembler(timeout_s=10, max_total_bytes=MAX)
+    half = len(chunks) // 2
+    assert all(r.add(c, 0.0, source="d01") is None for c in chunks[:half])
+    # the other half, on another child's topic, opens a second set instead of completing the first
+    assert all(r.add(c, 0.0, source="d02") is None for c in chunks[half:])
+    assert r.in_flight == 2
+    assert sorted(r.expire(11.0)) == [("d01", UID), ("d02", UID)]
+    assert [r.add(c, 20.0, source="d01") for c in chunks][-1] == payload  # one source, whole set
 
 
 def test_split_payload_arguments():

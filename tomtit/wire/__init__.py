@@ -19,7 +19,8 @@ One module per job; import from `tomtit.wire`, which re-exports the public names
   - run_config: RunConfig, the run's settings the cloud publishes retained (small JSON).
 """
 from tomtit.wire.chunks import CHUNK_HEADER_MAX, MIN_CHUNK_LIMIT, Reassembler, is_chunk, split_payload
-from tomtit.wire.codec import (CODECS, KINDS, PROTO, SCALE_SUFFIX, ModelMessage, decode_message,
+from tomtit.wire.codec import (CODECS, KINDS, MAX_ABS_LOSS, MAX_CREATED_AT, MAX_ENERGY_J, MAX_LOCAL_STEPS,
+                               MAX_NUM_SAMPLES, MAX_VERSION, PROTO, SCALE_SUFFIX, ModelMessage, decode_message,
                                encode_message)
 from tomtit.wire.control import (ACK_STATUSES, MAX_ACK_BATCH_BYTES, MAX_ACKS_PER_MESSAGE, MAX_DETAIL_CHARS,
                                  MAX_SMALL_JSON_BYTES, MAX_TELEMETRY_BYTES, PRESENCE_STATES, Ack, ErrorReport,
@@ -38,6 +39,7 @@ __all__ = [
     "Topics",
     # model and update messages
     "PROTO", "KINDS", "CODECS", "SCALE_SUFFIX", "ModelMessage", "encode_message", "decode_message",
+    "MAX_VERSION", "MAX_NUM_SAMPLES", "MAX_LOCAL_STEPS", "MAX_ABS_LOSS", "MAX_ENERGY_J", "MAX_CREATED_AT",
     "FlatDecoder",
     # chunks
     "MIN_CHUNK_LIMIT", "CHUNK_HEADER_MAX", "split_payload", "is_chunk", "Reassembler",

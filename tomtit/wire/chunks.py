@@ -136,6 +136,9 @@ class Reassembler:
     A completed set is forgotten at once: if all its chunks arrive again (the sender re-sends
     because the ack was lost), the payload is returned again, so the node can re-ack it as a
     duplicate.
+
+    Sets are keyed by (source, update_id), source being who sent the chunk (the child's id from
+    the topic): chunks that came on two children's topics never combine into one payload.
     """
 
     def __init__(self, timeout_s: float, max_total_bytes: int, max_sets: int = 16) -> None:
@@ -144,8 +147,8 @@ class Reassembler:
         self.timeout_s = float(timeout_s)
         self.max_total_bytes = int(max_total_bytes)
         self.max_sets = int(max_sets)
-        self._sets: dict[str, _PartialSet] = {}
-        self._dropped: list[str] = []  # ids dropped incomplete since the last expire()
+        self._sets: dict[tuple[str, str], _PartialSet] = {}
+        self._dropped: list[tuple[str, str]] = []  # (source, update_id) dropped incomplete since the last expire()
 
     @property
     def in_flight(self) -> int:
@@ -155,18 +158,19 @@ class Reassembler:
     def buffered_bytes(self) -> int:
         return sum(s.buffered for s in self._sets.values())
 
-    def add(self, chunk: bytes, now: float) -> bytes | None:
+    def add(self, chunk: bytes, now: float, source: str = "") -> bytes | None:
         """The whole payload once the last chunk of its set arrives, else None."""
         c = _decode_chunk(_as_bytes(chunk), self.max_total_bytes)
         self._drop_expired(now)
-        s = self._sets.get(c.update_id)
+        key = (source, c.update_id)
+        s = self._sets.get(key)
         if s is None:
             if len(self._sets) >= self.max_sets:
                 # evict the oldest: a set that has waited longest is the likeliest to be dead
                 oldest = min(self._sets, key=lambda k: self._sets[k].started)
                 del self._sets[oldest]
                 self._dropped.append(oldest)
-            s = self._sets[c.update_id] = _PartialSet(c.total, c.size, c.sha256, started=now)
+            s = self._sets[key] = _PartialSet(c.total, c.size, c.sha256, started=now)
         elif (s.total, s.size, s.sha256) != (c.total, c.size, c.sha256):
             # the set keeps its first description; the sender re-sends a consistent set on timeout
             raise WireError("chunk_mismatch", f"chunk of {c.update_id} disagrees on total/size/sha256")
@@ -182,15 +186,15 @@ class Reassembler:
         s.buffered += len(c.piece)
         if len(s.parts) < s.total:
             return None
-        del self._sets[c.update_id]
+        del self._sets[key]
         payload = b"".join(s.parts[i] for i in range(s.total))
         if len(payload) != s.size or hashlib.sha256(payload).hexdigest() != s.sha256:
             raise WireError("bad_checksum", f"reassembled {c.update_id} does not match its sha256/size")
         return payload
 
-    def expire(self, now: float) -> list[str]:
-        """Drop sets older than timeout_s. Returns the ids of all sets dropped incomplete since the
-        last call, whether by age (here or in add) or by eviction."""
+    def expire(self, now: float) -> list[tuple[str, str]]:
+        """Drop sets older than timeout_s. Returns (source, update_id) of every set dropped
+        incomplete since the last call, whether by age (here or in add) or by eviction."""
         self._drop_expired(now)
         dropped, self._dropped = self._dropped, []
         return dropped

@@ -38,6 +38,20 @@ _NUMPY_DTYPE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("
 _INT_RE = re.compile(r"-?[0-9]{1,19}")  # strict: int() alone would also take " 1_0 "
 
 
+# Ranges of the numeric metadata, checked in one place (`ModelMessage.__post_init__`) for a sender
+# before encoding and for a receiver on decoding. Why bounds at all: a node sums and averages
+# what its children report and pushes the result upward in a message of this same type, so a
+# value that is legal alone must not make the node's own message illegal (a 19-digit
+# num_samples, two train_loss of 1e308 averaging to inf). Each bound is far above any real value,
+# and small enough that a sum over a million children or a mean stays finite and in range.
+MAX_VERSION = 2**53  # versions count aggregations; 2**53 is where float64 stops being exact
+MAX_NUM_SAMPLES = 2**40  # ~1.1e12 examples; a node's sum over children is clamped to it
+MAX_LOCAL_STEPS = 2**31  # nodes enforce their own, much smaller, max_local_steps
+MAX_ABS_LOSS = 1e9  # a training loss; a mean of values within +-1e9 cannot overflow
+MAX_ENERGY_J = 1e15  # joules (a 1 GW plant for 12 days)
+MAX_CREATED_AT = 1e11  # seconds since the epoch (year ~5100)
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)  # eq=False: arrays have no truth value to compare
 class ModelMessage:
     """An update (child -> node) or a model (node -> children), decoded: values are float32."""
@@ -74,11 +88,13 @@ class ModelMessage:
         if not isinstance(self.is_delta, (bool, np.bool_)):
             raise WireError("bad_metadata", f"is_delta must be a bool, got {self.is_delta!r}")
         object.__setattr__(self, "is_delta", bool(self.is_delta))
-        for name in ("base_version", "version", "num_samples", "local_steps"):
-            object.__setattr__(self, name, _int_field(getattr(self, name), name))
-        object.__setattr__(self, "train_loss", _float_field(self.train_loss, "train_loss", nonneg=False))
-        for name in ("energy_j", "created_at"):
-            object.__setattr__(self, name, _float_field(getattr(self, name), name, nonneg=True))
+        for name, top in (("base_version", MAX_VERSION), ("version", MAX_VERSION),
+                          ("num_samples", MAX_NUM_SAMPLES), ("local_steps", MAX_LOCAL_STEPS)):
+            object.__setattr__(self, name, _int_field(getattr(self, name), name, maximum=top))
+        object.__setattr__(self, "train_loss", _float_field(self.train_loss, "train_loss", nonneg=False,
+                                                            limit=MAX_ABS_LOSS))
+        for name, top in (("energy_j", MAX_ENERGY_J), ("created_at", MAX_CREATED_AT)):
+            object.__setattr__(self, name, _float_field(getattr(self, name), name, nonneg=True, limit=top))
 
 
 def _message_metadata(msg: ModelMessage, codec: str) -> dict[str, str]:

@@ -59,16 +59,20 @@ def _check_size(data: bytes, max_bytes: int) -> None:
         raise WireError("too_large", f"payload is {len(data)} bytes, limit {max_bytes}")
 
 
-def _int_field(value: object, what: str, reason: str = "bad_metadata", *, minimum: int = 0) -> int:
+def _int_field(value: object, what: str, reason: str = "bad_metadata", *, minimum: int = 0,
+               maximum: int | None = None) -> int:
     # bool is an int in Python; True as a version is a bug, not a 1
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise WireError(reason, f"{what} must be an integer, got {value!r}")
     if value < minimum:
         raise WireError(reason, f"{what} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise WireError(reason, f"{what} must be <= {maximum}, got {value}")
     return int(value)
 
 
-def _float_field(value: object, what: str, *, nonneg: bool, reason: str = "bad_metadata") -> float:
+def _float_field(value: object, what: str, *, nonneg: bool, reason: str = "bad_metadata",
+                 limit: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise WireError(reason, f"{what} must be a number, got {value!r}")
     try:
@@ -77,6 +81,8 @@ def _float_field(value: object, what: str, *, nonneg: bool, reason: str = "bad_m
         x = math.inf
     if not math.isfinite(x) or (nonneg and x < 0):
         raise WireError(reason, f"{what} must be finite{' and >= 0' if nonneg else ''}, got {x}")
+    if limit is not None and abs(x) > limit:
+        raise WireError(reason, f"|{what}| must be <= {limit:g}, got {x:g}")
     return x
 
 
