@@ -1,4 +1,9 @@
-"""Crash-safe file writes: write a temp file in the same folder, fsync, rename over the target."""
+"""Crash-safe file writes: write a temp file in the same folder, fsync it, rename it over the
+target, fsync the folder.
+
+The last step is what makes "checkpoint before ack" survive a power cut: a rename is a change to
+the directory, and until the directory is synced, ext4 (and the FAT/ext4 of an SD card) may lose
+it on power loss, leaving the old file, or no file, after an ack was sent for the new one."""
 from __future__ import annotations
 
 import json
@@ -19,6 +24,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make renames and creations in `folder` durable (POSIX: fsync on the directory itself)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a platform without directory handles (Windows): nothing more can be done
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (e.g. a few FUSE/network ones) refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -49,10 +69,14 @@ def publish_dir(tmp: Path, out: Path) -> None:
     import shutil
 
     os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; bundles and splits are meant to be shared
+    for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        fsync_dir(sub)  # the staged files' own entries, before they become visible
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
         os.rename(tmp, out)
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+        fsync_dir(out.parent)
