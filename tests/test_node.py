@@ -660,3 +660,62 @@ def test_the_cloud_publishes_the_run_configuration_retained(tmp_path):
     late.subscribe(T.run())  # a child that connects later still gets it (retained)
     got = decode_run_config(late.get(0).payload)
     assert got == cfg
+
+
+def test_fuzz_a_node_never_fails_on_what_arrives_on_its_up_topics(tmp_path):
+    """Mutated updates, chunks and metadata, straight into the node's inbound path: every one is
+    applied or rejected with a wire reason; no exception escapes, none needs the last-line guard
+    (`internal`), and whatever is applied is finite and within the norm bound."""
+    import random
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from safetensors.numpy import load, save
+
+    from test_wire import _mutate
+    from tomtit.manifest import TensorSpec
+    from tomtit.wire import split_payload
+
+    broker = MemoryBroker()
+    big = synthetic_manifest(specs=(TensorSpec("w", (20, 25)), TensorSpec("b", (3,))))
+    node, m = make_node(tmp_path, broker, strategy="fedbuff", children=1, manifest=big)
+    node.buffer.config = node.buffer.config.__class__(**{**node.buffer.config.__dict__, "k_updates": 1})
+    seeds = []
+    for i in range(4):
+        uid, p = update_bytes(np.full(m.buffer_size, 0.001 * (i + 1), np.float32), sender="c1", manifest=m,
+                              job=JOB, codec=("f32", "f16", "int8", "f32")[i])
+        seeds.append((uid, p))
+    keys = ["num_samples", "local_steps", "base_version", "train_loss", "is_delta", "codec", "kind", "sender",
+            "job", "update_id", "energy_j", "created_at", "proto"]
+    values = ["", "-1", "0", "1e308", "nan", "inf", "9" * 19, "true", "false", "f16", "model", "c2", "t",
+              "0" * 32, "1e-320", "1" * 400]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, 2**64 - 1))
+    def run(seed):
+        rng = random.Random(seed)
+        uid, base = rng.choice(seeds)
+        kind = rng.randrange(3)
+        if kind == 0:
+            parts = [_mutate(rng, base)]
+        elif kind == 1:
+            meta = json.loads(base[8:8 + int.from_bytes(base[:8], "little")])["__metadata__"]
+            for _ in range(rng.randint(1, 3)):
+                meta[rng.choice(keys)] = rng.choice(values)
+            parts = [save(load(base), metadata=meta)]
+        else:
+            parts = split_payload(base, update_id=uid, limit=1024)
+            j = rng.randrange(len(parts))
+            parts[j] = _mutate(rng, parts[j])
+            rng.shuffle(parts)
+        before = node.model.copy()
+        for p in parts:
+            node.handle(T.up("cloud", "c1"), p)  # not the guarded entry: nothing may escape
+            node._apply_ready(node.clock())
+        assert node.stats.rejected["internal"] == 0
+        assert np.isfinite(node.model).all()
+        assert np.linalg.norm(node.model - before) <= node.cfg.max_update_norm * 1.0001
+
+    run()
+    # the corpus reached both outcomes and many different reasons
+    assert node.stats.accepted >= 1 and len(node.stats.rejected) >= 8, (node.stats.accepted, node.stats.rejected)
