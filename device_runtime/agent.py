@@ -41,6 +41,7 @@ from device_runtime.scheduler import StepObservation, SyncScheduler
 from device_runtime.trainer import Trainer
 from device_runtime.uplink import Uplink, UplinkConfig
 from tomtit.fsutil import atomic_write_bytes
+from tomtit.signing import Keyring, Signer
 from tomtit.manifest import Manifest
 from tomtit.outbox import Outbox
 from tomtit.transport import Transport
@@ -107,7 +108,11 @@ class DeviceAgent:
         transport: Transport,
         state_dir: Path,
         clock: Callable[[], float] = time.time,
+        signer: Signer | None = None,
+        keyring: Keyring | None = None,
     ):
+        """`signer` signs our updates; with a `keyring`, only models our parent signed are taken
+        (tomtit.signing; both come from a credentials file)."""
         self.cfg = config
         self.manifest = manifest
         self.trainer = trainer
@@ -125,7 +130,8 @@ class DeviceAgent:
                          chunk_bytes=config.chunk_bytes, max_model_bytes=config.max_model_bytes,
                          wait_for_parent=config.wait_for_parent),
             manifest=manifest, outbox=Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s),
-            scheduler=scheduler, reference=trainer.get_adapter())  # version 0 == the bundle's initial adapter
+            scheduler=scheduler, reference=trainer.get_adapter(),  # version 0 == the bundle's initial adapter
+            signer=signer, keyring=keyring)
         self.stats = DeviceStats()
         self.parent_finished = False
         self._cycle_losses: list[float] = []

@@ -36,6 +36,7 @@ from device_runtime.adapter import flatten, unflatten
 from device_runtime.scheduler import SyncScheduler
 from tomtit.manifest import Manifest
 from tomtit.outbox import Outbox, send_due
+from tomtit.signing import Keyring, Signer, is_signed, strip_unverified
 from tomtit.transport import Transport
 from tomtit.wire import (
     MAX_ENERGY_J,
@@ -72,12 +73,15 @@ class ParentModel:
     params: np.ndarray  # flat float32 in the manifest's order
 
 
-def stage_update(msg: ModelMessage, manifest: Manifest, outbox: Outbox, topic: str, now: float) -> tuple[int, np.ndarray]:
-    """Encode `msg`, keep it in the outbox until acknowledged, and return (payload bytes, the
-    delta exactly as the receiver will decode it)."""
+def stage_update(msg: ModelMessage, manifest: Manifest, outbox: Outbox, topic: str, now: float,
+                 signer: Signer | None = None) -> tuple[int, np.ndarray]:
+    """Encode (and sign) `msg`, keep it in the outbox until acknowledged, and return (payload
+    bytes, the delta exactly as the receiver will decode it)."""
     payload = encode_message(msg)
     received = decode_message(payload, expected=manifest.trainable, bundle_id=manifest.bundle_id,
                               max_bytes=len(payload))
+    if signer is not None:
+        payload = signer.sign(payload)  # signed as a whole, before any chunking
     outbox.add(msg.update_id, topic, payload, now)
     return len(payload), flatten(dict(received.tensors), manifest.trainable)
 
@@ -85,7 +89,7 @@ def stage_update(msg: ModelMessage, manifest: Manifest, outbox: Outbox, topic: s
 def staged_delta(outbox: Outbox, update_id: str, manifest: Manifest) -> np.ndarray | None:
     """The delta a staged update carries, as the receiver will decode it; None if unreadable."""
     try:
-        payload = outbox.payload(update_id)
+        payload = strip_unverified(outbox.payload(update_id))  # our own bytes: nothing to verify
         received = decode_message(payload, expected=manifest.trainable, bundle_id=manifest.bundle_id,
                                   max_bytes=len(payload))
     except (OSError, WireError):
@@ -106,8 +110,12 @@ def unaccounted_deltas(outbox: Outbox, accounted: set[str], manifest: Manifest) 
 
 class Uplink:
     def __init__(self, config: UplinkConfig, *, manifest: Manifest, outbox: Outbox, scheduler: SyncScheduler,
-                 reference: np.ndarray, base_version: int = 0) -> None:
+                 reference: np.ndarray, base_version: int = 0, signer: Signer | None = None,
+                 keyring: Keyring | None = None) -> None:
+        """`signer`: sign what we send; `keyring`: accept only models our parent signed."""
         self.cfg = config
+        self.signer = signer
+        self.keyring = keyring
         self.manifest = manifest
         self.outbox = outbox
         self.scheduler = scheduler
@@ -136,6 +144,10 @@ class Uplink:
     # -- the parent's model ----------------------------------------------------------------
     def decode_model(self, payload: bytes) -> ParentModel:
         """Validate a parent model message (raises WireError with the reason)."""
+        if self.keyring is not None:
+            payload = self.keyring.verify(payload, expect_signer=self.cfg.parent)
+        elif is_signed(payload):
+            payload = strip_unverified(payload)  # no keys configured: we cannot check it, as before
         msg = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
                              max_bytes=self.cfg.max_model_bytes, expect_kind="model", expect_job=self.cfg.job)
         if msg.is_delta:  # adopting a delta as the model would replace our model with a difference
@@ -182,7 +194,7 @@ class Uplink:
             is_delta=True, created_at=now, codec=self.cfg.codec, update_id=new_update_id(),
             tensors=unflatten(delta, self.manifest.trainable))
         size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.sender),
-                                  now)
+                                  now, signer=self.signer)
         self.reference = self.reference + sent
         if self.cfg.wait_for_parent:
             self._waiting_since_version = self.base_version

@@ -52,6 +52,7 @@ from edge_broker.observers import Evaluator, ModelObserver
 from edge_broker.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from tomtit.manifest import Manifest
 from tomtit.outbox import Outbox
+from tomtit.signing import Keyring, Signer, is_signed, strip_unverified
 from tomtit.transport import Transport
 from tomtit.wire import (
     MAX_ACKS_PER_MESSAGE,
@@ -142,8 +143,12 @@ class Node:
         meter: EnergyMeter | None = None,
         run_config: RunConfig | None = None,
         clock: Callable[[], float] = time.time,
+        signer: Signer | None = None,
+        keyring: Keyring | None = None,
     ):
-        """`run_config`: the cloud publishes it, retained, on tomtit/{job}/run at every connect."""
+        """`run_config`: the cloud publishes it, retained, on tomtit/{job}/run at every connect.
+        `signer` signs our models (and an edge's pushes); with a `keyring` (our children's and
+        our parent's public keys) only what they signed is accepted (tomtit.signing)."""
         if config.parent is not None and scheduler is None:
             raise ValueError("an edge node (with a parent) needs a sync scheduler")
         self.cfg = config
@@ -155,6 +160,7 @@ class Node:
         self.meter = meter
         self.run_config = run_config
         self.clock = clock
+        self.signer, self.keyring = signer, keyring
         self.topics = Topics(config.job)
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +174,7 @@ class Node:
                              chunk_bytes=config.chunk_bytes, max_model_bytes=config.max_update_bytes,
                              wait_for_parent=config.wait_for_parent),
                 manifest=manifest, outbox=Outbox(self.state_dir / "outbox", resend_after_s=config.resend_after_s),
-                scheduler=scheduler, reference=self.model)
+                scheduler=scheduler, reference=self.model, signer=signer, keyring=keyring)
         self.seen: dict[str, int] = {}  # applied update_id -> its reported base_version (prune_seen)
         self.seen_horizon = 0  # updates reporting a base_version below this may have been pruned
         self._pending_base: dict[str, int] = {}  # buffered update_id -> its reported base_version
@@ -238,7 +244,10 @@ class Node:
             update_id=new_update_id(), tensors=unflatten(self.model, self.manifest.trainable))
         # Retained: a child that connects later (or restarts) gets the current model at once.
         # Not chunked: a retained message must be one message (MiniLM's adapter is ~300 KB).
-        self._publish(self.topics.down(self.cfg.node_id), encode_message(msg), retain=True)
+        payload = encode_message(msg)
+        if self.signer is not None:
+            payload = self.signer.sign(payload)
+        self._publish(self.topics.down(self.cfg.node_id), payload, retain=True)
 
     def presence(self, state: str) -> bytes:
         return encode_presence(Presence(id=self.cfg.node_id, state=state, role="node",
@@ -361,6 +370,16 @@ class Node:
             if whole is None:
                 return
             payload = whole
+        if self.keyring is not None:
+            try:  # before any parsing: an unsigned or forged payload goes no further
+                payload = self.keyring.verify(payload, expect_signer=child)
+            except WireError as e:
+                # reported, never acked: an honest sender's signature does not fail, and an ack
+                # naming an id would let a forger cancel the real sender's pending update
+                self._reject(child, "", e.reason, e.detail, ack=False)
+                return
+        elif is_signed(payload):
+            payload = strip_unverified(payload)  # no keys configured here: accepted as before
         try:
             msg, delta = self.decoder.decode(payload, expect_kind="update", expect_sender=child,
                                              expect_job=self.cfg.job)
