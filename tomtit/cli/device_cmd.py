@@ -6,7 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from tomtit.cli.mqtt_args import add_broker_args, mqtt_options, setup_logging, stop_event_on_signals
+from tomtit.cli.mqtt_args import (add_broker_args, mqtt_options, resolve_identity, setup_logging, signing_keys,
+                                  stop_event_on_signals)
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -15,8 +16,8 @@ def register(p: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", help="train locally and sync autonomously with the parent node")
     r.add_argument("--bundle", required=True, type=Path)
     r.add_argument("--data", required=True, help="this device's JSONL/CSV examples")
-    r.add_argument("--parent", required=True, help="id of the node (edge) to sync with")
-    r.add_argument("--id", required=True, help="this device's id (unique in the job)")
+    r.add_argument("--parent", help="id of the node (edge) to sync with (default: the credentials')")
+    r.add_argument("--id", help="this device's id, unique in the job (default: the credentials')")
     add_broker_args(r)
     r.add_argument("--scheduler", help="marginal | fixed:10 | adaptive (options: marginal:tau_max=40); "
                                        "default: the run's, from the cloud")
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from tomtit.cli.mqtt_args import await_run_config
     from tomtit.wire import Presence, Topics, check_id, encode_presence
 
+    creds = resolve_identity(args, roles=("device",), needs_parent=True)
+    signer, keyring = signing_keys(creds)  # with credentials: sign updates, take only signed models
     setup_logging(args, args.id)
     log = logging.getLogger("tomtit.device")
     check_id(args.id, "--id")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
              trainer.backend, meter.name, " (estimated)" if meter.estimated else "", scheduler.describe(), args.parent)
     agent = DeviceAgent(config, manifest=m, trainer=trainer, batches=BatchStream(data, args.batch, seed=args.seed),
                         num_samples=len(data), meter=meter, scheduler=scheduler, transport=transport,
-                        state_dir=state_dir)
+                        state_dir=state_dir, signer=signer, keyring=keyring)
     try:
         stats = agent.run(stop.is_set)
     finally:

@@ -9,8 +9,11 @@ import threading
 
 
 def add_broker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    p.add_argument("--job", default="default", help="run id: every topic lives under tomtit/JOB/")
+    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (required unless --credentials)")
+    p.add_argument("--credentials", help="a credential file from `tomtit deploy init`: broker, user name, "
+                                         "password and CA (the flags here override it)")
+    p.add_argument("--job", help="run id: every topic lives under tomtit/JOB/ (default: the credentials', "
+                                 "else 'default')")
     p.add_argument("--username")
     p.add_argument("--password", help="or set TOMTIT_MQTT_PASSWORD (keeps it out of `ps`)")
     p.add_argument("--tls-ca", help="CA certificate for mqtts://")
@@ -21,13 +24,75 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def mqtt_options(args: argparse.Namespace, client_id: str):
+    """Connection options from the flags; with --credentials, the file fills what the flags leave
+    out (a password: --password, then TOMTIT_MQTT_PASSWORD, then the file)."""
+    from tomtit.cli import CliError
     from tomtit.mqtt import MqttOptions
 
+    url, username, tls_ca = args.broker, args.username, args.tls_ca
+    password = args.password if args.password is not None else os.environ.get("TOMTIT_MQTT_PASSWORD")
+    if args.credentials is not None:
+        from tomtit.deploy.credentials import load_credentials
+
+        creds = load_credentials(args.credentials)
+        if args.job is None:
+            args.job = creds.job
+        if creds.job != args.job:
+            raise CliError(f"--credentials {args.credentials} are for job {creds.job!r}, not {args.job!r}: "
+                           f"give --job {creds.job} (the broker's ACL only allows that job's topics)")
+        url = url if url is not None else creds.broker
+        username = username if username is not None else creds.username
+        password = password if password is not None else creds.password
+        tls_ca = tls_ca if tls_ca is not None else str(creds.ca_file)
+    if url is None:
+        raise CliError("give --broker mqtt://HOST:PORT, or --credentials FILE from `tomtit deploy init`")
+    if args.job is None:
+        args.job = "default"
+    args.broker = url  # the verbs' messages name the broker in use
     return MqttOptions(
-        url=args.broker, client_id=client_id, username=args.username,
-        password=args.password if args.password is not None else os.environ.get("TOMTIT_MQTT_PASSWORD"),
-        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, protocol=args.mqtt_protocol,
+        url=url, client_id=client_id, username=username, password=password,
+        tls_ca=tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, protocol=args.mqtt_protocol,
     )
+
+
+def resolve_identity(args: argparse.Namespace, *, roles: tuple[str, ...], needs_parent: bool):
+    """--id, --job and --parent from --credentials where the flags leave them out (a flag that
+    disagrees with the file is an error: the broker's ACL only lets the file's identity through).
+    Returns the loaded credentials, or None without --credentials."""
+    from tomtit.cli import CliError
+
+    creds = None
+    if getattr(args, "credentials", None):
+        from tomtit.deploy.credentials import load_credentials
+
+        creds = load_credentials(args.credentials)
+        if creds.role not in roles:
+            raise CliError(f"--credentials {args.credentials} belong to a {creds.role}, not a {' or '.join(roles)}")
+        for flag, attr, value in (("--id", "id", creds.id), ("--job", "job", creds.job),
+                                  ("--parent", "parent", creds.parent)):
+            given = getattr(args, attr)
+            if given is None:
+                setattr(args, attr, value)
+            elif given != value:
+                raise CliError(f"{flag} {given!r} disagrees with --credentials {args.credentials} "
+                               f"({value!r}); drop the flag or use that identity's file")
+    if args.job is None:
+        args.job = "default"
+    if args.id is None:
+        raise CliError("give --id, or --credentials FILE from `tomtit deploy init`")
+    if needs_parent and args.parent is None:
+        raise CliError("give --parent, or --credentials FILE from `tomtit deploy init`")
+    return creds
+
+
+def signing_keys(creds):
+    """(Signer, Keyring) from credentials with keys; (None, None) otherwise (no signatures)."""
+    if creds is None or creds.signing_key is None:
+        return None, None
+    from tomtit.signing import Keyring, Signer
+
+    return (Signer(creds.id, creds.private_key()),
+            Keyring({peer: creds.public_key(peer) for peer in creds.verify_keys}))
 
 
 def setup_logging(args: argparse.Namespace, who: str) -> None:

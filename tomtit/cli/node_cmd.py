@@ -7,14 +7,15 @@ import logging
 import time
 from pathlib import Path
 
-from tomtit.cli.mqtt_args import add_broker_args, mqtt_options, setup_logging, stop_event_on_signals
+from tomtit.cli.mqtt_args import (add_broker_args, mqtt_options, resolve_identity, setup_logging, signing_keys,
+                                  stop_event_on_signals)
 
 
 def register(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     r = sub.add_parser("run", help="aggregate children's updates; sync upward autonomously if --parent")
-    r.add_argument("--id", required=True)
+    r.add_argument("--id", help="this node's id (default: the credentials')")
     r.add_argument("--bundle", required=True, type=Path)
     add_broker_args(r)
     r.add_argument("--parent", help="parent node id (this node is then an edge); none = cloud")
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tomtit.alloc import retain_freed_memory
 
+    creds = resolve_identity(args, roles=("edge", "cloud"), needs_parent=False)
+    signer, keyring = signing_keys(creds)  # with credentials: sign models and pushes, take only signed updates
     setup_logging(args, args.id)
     log = logging.getLogger("tomtit.node")
     retain_freed_memory()  # the hot path allocates adapter-sized arrays per update (see tomtit/alloc.py)
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     node = Node(config, manifest=m, initial_adapter=load_adapter(bundle.path("initial_adapter"), m), buffer=buffer,
                 transport=transport, state_dir=args.state_dir or Path("state") / args.job / args.id,
                 scheduler=scheduler, observers=observers, meter=meter,
-                run_config=run_config if args.parent is None else None)
+                run_config=run_config if args.parent is None else None, signer=signer, keyring=keyring)
     log.info("node %s (%s), strategy %s, bundle %s", args.id, f"edge of {args.parent}" if args.parent else "cloud",
              args.strategy, m.bundle_id)
     try:
