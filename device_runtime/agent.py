@@ -399,7 +399,7 @@ class DeviceAgent:
             "outbox": len(self.outbox), "intervals": s.intervals[-500:], "reasons": s.reasons[-500:],
             "joules": s.joules, "energy_estimated": self.meter.estimated, "meter": self.meter.name,
             "bytes_up": self.uplink.bytes_up, "base_version": self.base_version, "waited_s": s.waited_s,
-            "postponed": s.postponed,
+            "postponed": s.postponed, "ledger": self.uplink.ledger(),
         }
 
     def shutdown(self) -> None:

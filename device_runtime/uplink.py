@@ -125,6 +125,10 @@ class Uplink:
         self.models_adopted = 0
         self.acked = 0
         self.rejected = 0
+        # This process's ledger, for end-to-end exactly-once accounting (summaries, fault tests):
+        # every update we staged, and the first ack each one got (applied | duplicate | rejected).
+        self.staged_ids: list[str] = []
+        self.ack_status: dict[str, str] = {}
         self.bytes_up = 0
         self._waiting_since_version: int | None = None  # synchronous rounds: the version we sent from
 
@@ -196,6 +200,7 @@ class Uplink:
         size, sent = stage_update(msg, self.manifest, self.outbox, self.topics.up(self.cfg.parent, self.cfg.sender),
                                   now, signer=self.signer)
         self.reference = self.reference + sent
+        self.staged_ids.append(msg.update_id)
         if self.cfg.wait_for_parent:
             self._waiting_since_version = self.base_version
         return size
@@ -220,6 +225,7 @@ class Uplink:
             if not self.outbox.ack(ack.update_id):
                 continue  # already acknowledged (a re-send's second ack)
             news.append(ack)
+            self.ack_status[ack.update_id] = ack.status
             if ack.status == "rejected":
                 self.rejected += 1
                 log.error("%s: parent %s rejected update %s: %s", self.cfg.sender, self.cfg.parent,
@@ -227,6 +233,11 @@ class Uplink:
             else:
                 self.acked += 1
         return news
+
+    def ledger(self) -> dict:
+        """What this process staged and how each was acknowledged; `pending` = still unacked."""
+        by = {st: [u for u, s in self.ack_status.items() if s == st] for st in ("applied", "duplicate", "rejected")}
+        return {"staged": list(self.staged_ids), **by, "pending": self.outbox.ids()}
 
     # -- resume ----------------------------------------------------------------------------
     def resume(self, reference: np.ndarray, base_version: int, accounted: set[str]) -> int:

@@ -120,6 +120,7 @@ class NodeStats:
     pushes_postponed: int = 0  # push decisions deferred while the link was still sending
     push_times: list[float] = field(default_factory=list)
     child_arrivals: dict = field(default_factory=lambda: defaultdict(list))  # child -> [(t, local_steps)]
+    applied_ids: dict = field(default_factory=lambda: defaultdict(list))  # child -> update ids applied (this process)
     versions: list[dict] = field(default_factory=list)
     stop_reason: str = ""
 
@@ -480,6 +481,7 @@ class Node:
         self.stats.aggregations += 1
         for uid, child in zip(result.update_ids, result.senders):
             self._ack(child, uid, "applied")
+            self.stats.applied_ids[child].append(uid)
         self._uncommitted.append(result)
         self._unobserved.append(result)
         self.stats.versions.append({"t": round(now - self.started, 3), "version": self.version,
@@ -681,7 +683,10 @@ class Node:
             "child_arrivals": {c: arr for c, arr in self.stats.child_arrivals.items()},
             "child_local_steps": intervals,
             "seconds": round(self.clock() - self.started, 3),
+            "applied_ids": {c: list(ids) for c, ids in self.stats.applied_ids.items()},
         }
+        if self.uplink is not None:
+            out["ledger"] = self.uplink.ledger()
         for observer in self.observers:
             out.update(observer.summary())
         return out
