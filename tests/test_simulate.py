@@ -166,3 +166,36 @@ def test_paced_evaluation_scores_a_held_model_at_its_own_publish_time():
     assert paced.due() is None and paced.flush() is None
     # the next model 0.5 s after the last *scored* publish time is scored at once
     assert publish(3, 0.2, 0.8, 40.0) is None and len(inner.history) == 3 and paced.due() is None
+
+
+def test_a_poisoned_device_and_the_aggregation_strategy_reach_the_real_nodes(tiny_bundle, tiny_data):
+    """The testbed for poisoning studies: a `poison` event makes a device send factor x its true
+    update (well-formed messages, valid sender); `strategy` picks the edges' aggregation."""
+    import dataclasses
+
+    from tomtit.sim.config import Event
+    from tomtit.sim.engine import run_setting
+    from tomtit.sim.methods import grids
+    from tomtit.sim.runner import build_world, device_shards
+
+    base = dataclasses.replace(load_scenario("tiny", PROFILES), devices=6, edges=1, events=(), max_device_steps=150)
+    world = build_world(str(tiny_bundle), str(tiny_data), test_fraction=base.test_fraction,
+                        eval_examples=base.eval_examples)
+    setting = grids(6, 1)["async-fixed"][0]
+
+    def run(**changes):
+        sc = dataclasses.replace(base, **changes).check(PROFILES)
+        return run_setting(world, sc, PROFILES, setting, 0, device_shards(world, sc, 0), None)
+
+    clean = run()
+    scaled = run(events=(Event(t=0.0, kind="poison", device="d00", value="scale:1e6"),))
+    assert not clean["rejected"]
+    assert scaled["rejected"]["e0"]["norm"] >= 1  # 1e6 x a real step breaks the node's norm bound
+    trimmed = run(strategy="trimmed")  # buffers 5 updates per aggregation where fedbuff takes 3
+    assert trimmed["syncs"] == clean["syncs"]
+    agg = lambda r: r["edges"][0]["aggregations"]  # noqa: E731
+    assert agg(trimmed) <= trimmed["syncs"] // 5 < clean["syncs"] // 3 <= agg(clean) + 1
+    with pytest.raises(ScenarioError, match="strategy"):
+        dataclasses.replace(base, strategy="fedavg").check(PROFILES)
+    with pytest.raises(ScenarioError, match="poison"):
+        dataclasses.replace(base, events=(Event(t=0.0, kind="poison", device="d00", value="double"),)).check(PROFILES)

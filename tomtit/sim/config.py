@@ -16,7 +16,7 @@ from typing import Any
 from tomtit.errors import TomtitError
 
 SCENARIO_DIR = Path(__file__).with_name("scenarios")
-EVENT_KINDS = ("leave", "join", "battery", "link")
+EVENT_KINDS = ("leave", "join", "battery", "link", "poison")
 
 
 class ScenarioError(TomtitError, ValueError):
@@ -123,7 +123,8 @@ class Event:
     t: float  # virtual seconds from the start
     kind: str  # leave | join | battery | link
     device: str  # device id, e.g. "d03"
-    value: str | float | None = None  # battery: charge above reserve (0..1); link: a link profile
+    value: str | float | None = None  # battery: charge above reserve (0..1); link: a link profile;
+    # poison: what the device does to every update from then on, "flip" (-delta) or "scale:F" (F x delta)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Scenario:
     max_virtual_s: float = 7200.0  # a run that has not reached the target by then stops there
     max_device_steps: int = 3000  # compute cap: real training steps per run, all devices together
     seeds: int = 3  # default number of seeds
+    strategy: str = "fedbuff"  # aggregation at every node of the asynchronous methods (fedbuff, median, trimmed...)
     events: tuple[Event, ...] = field(default_factory=tuple)
 
     def check(self, profiles: Profiles) -> "Scenario":
@@ -188,6 +190,13 @@ class Scenario:
                 raise ScenarioError(f"{where}.value = {e.value!r}: a battery event needs a charge in [0, 1]")
             if e.kind == "link" and e.value not in profiles.links:
                 raise ScenarioError(f"{where}.value = {e.value!r}: a link event needs a link profile")
+            if e.kind == "poison" and poison_factor(e.value) is None:
+                raise ScenarioError(f"{where}.value = {e.value!r}: a poison event needs 'flip' or 'scale:F'")
+        from edge_broker.aggregation import STRATEGIES
+
+        if self.strategy not in STRATEGIES or self.strategy == "fedavg":
+            raise ScenarioError(f"scenario {self.name!r}: strategy = {self.strategy!r}: choose one of "
+                                f"{', '.join(s for s in STRATEGIES if s != 'fedavg')} (fedavg is the synchronous baseline's)")
         return self
 
     def device_ids(self) -> list[str]:
@@ -203,6 +212,19 @@ class Scenario:
     def link_of(self, i: int, profiles: Profiles) -> Link:
         pattern = parse_mix(self.links, profiles.links, "links")
         return profiles.links[pattern[i % len(pattern)]]
+
+
+def poison_factor(value: object) -> float | None:
+    """The factor a poisoned device multiplies its updates by: "flip" = -1, "scale:F" = F."""
+    if value == "flip":
+        return -1.0
+    if isinstance(value, str) and value.startswith("scale:"):
+        try:
+            f = float(value[len("scale:"):])
+        except ValueError:
+            return None
+        return f if math.isfinite(f) else None
+    return None
 
 
 _FIELDS = {f.name: f for f in fields(Scenario)}

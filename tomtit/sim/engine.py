@@ -33,7 +33,7 @@ from device_runtime.trainer import PortableBackend, Trainer, TrainerConfig
 from edge_broker.aggregation import make_strategy
 from edge_broker.node import Node, NodeConfig
 from edge_broker.observers import EvaluateAndStop, Evaluator, ModelObserver
-from tomtit.sim.config import Board, Link, Profiles, Scenario
+from tomtit.sim.config import Board, Link, Profiles, Scenario, poison_factor
 from tomtit.sim.network import Endpoint, SimNetwork
 from tomtit.transport import Will
 from tomtit.wire import Presence, Topics, encode_presence
@@ -166,6 +166,7 @@ class _Device:
     gone: bool = False
     idle_since: float | None = None  # waiting (synchronous round) since
     step_scheduled: bool = False
+    poison: float | None = None  # a poisoned device sends this factor x its true update
 
 
 def run_setting(world: World, sc: Scenario, profiles: Profiles, setting: Setting, seed: int, shards: list[np.ndarray],
@@ -245,7 +246,10 @@ class _Run:
             # rounds: wait for every child; a child that left (last will) lowers K (Node.effective_ready)
             buffer = make_strategy("fedavg", expected_children=children, max_wait_s=1e9, max_staleness=2)
         else:
-            buffer = make_strategy("fedbuff", expected_children=children)
+            # the scenario's strategy where devices' updates are aggregated (poisoning enters there);
+            # a cloud over edges keeps fedbuff (a robust statistic over 2-5 edges protects little)
+            devices_below = parent is not None or s.flat
+            buffer = make_strategy(self.sc.strategy if devices_below else "fedbuff", expected_children=children)
         scheduler = make_scheduler(s.edge_scheduler) if parent else None
         node = Node(NodeConfig(node_id=name, parent=parent, job=JOB, resend_after_s=1e9, link_joules_per_mb=0.0,
                                wait_for_parent=s.synchronous, telemetry_every_s=1e9),
@@ -275,9 +279,27 @@ class _Run:
             batches=BatchStream(self.w.subset(shard), sc.batch, seed=self.seed * 1000 + dev.i),
             num_samples=len(shard), meter=dev.meter, scheduler=make_scheduler(s.device_scheduler),
             transport=transport, state_dir=self.tmp / dev.name, clock=dev.clock)
+        if dev.poison is not None:
+            self._poison(dev)
         dev.agent._on_connection_change()  # subscribe: the retained model arrives after the link's delay
         dev.idle_since = t  # idle until the first model is in
         dev.step_scheduled = False
+
+    @staticmethod
+    def _poison(dev: "_Device") -> None:
+        """A device with valid credentials that sends factor x its true update (an attack on the
+        aggregation, not on the wire: every message is well-formed)."""
+        uplink = dev.agent.uplink
+        send = type(uplink).send.__get__(uplink)
+
+        def poisoned_send(local, **kw):
+            ref = uplink.reference.copy()
+            true = np.asarray(local, np.float32) - ref
+            size = send(ref + np.float32(dev.poison) * true, **kw)
+            uplink.reference = ref + true  # its own bookkeeping stays honest: it attacks every update alike
+            return size
+
+        uplink.send = poisoned_send
 
     def _push(self, t: float, kind: str, who: str, data: Any = None) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, who, data))
@@ -422,6 +444,10 @@ class _Run:
             dev.meter.reserve = float(ev.value)
         elif ev.kind == "link":
             dev.endpoint.link = self.p.links[str(ev.value)]
+        elif ev.kind == "poison":
+            dev.poison = poison_factor(ev.value)
+            if dev.agent is not None:
+                self._poison(dev)
 
     # -- results ---------------------------------------------------------------------------
     def _result(self, t_end: float, stop_reason: str) -> dict[str, Any]:
