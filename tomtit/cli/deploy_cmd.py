@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  credentials     {cred_dir}/ID.toml, one per identity (mode 0600) and ca.crt:")
     print("                  copy each ID.toml with ca.crt to its machine and pass --credentials ID.toml")
     first_edge = topo.edges[0]
-    print(f"    e.g. tomtit device run --credentials {dep.credentials[first_edge.devices[0]]} --job {dep.job} "
-          f"--id {first_edge.devices[0]} --parent {first_edge.id} --bundle B --data F")
+    print(f"    e.g. tomtit device run --credentials {dep.credentials[first_edge.devices[0]]} --bundle B --data F"
+          f"   (the file gives --id {first_edge.devices[0]}, --parent {first_edge.id}, --job {dep.job})")
     print(f"  monitor         {dep.credentials['monitor']}  (read-only: status and telemetry)")
     return 0

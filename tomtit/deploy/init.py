@@ -222,9 +222,7 @@ def _write_all(topo: Topology, tmp: Path, out: Path) -> Deployment:
 
 
 def _run_hint(p: Identity, job: str) -> str:
-    common = f"--credentials {p.id}.toml --job {job} --id {p.id}"
+    # the file supplies broker, login, CA, keys and --id/--parent/--job
     if p.role == "device":
-        return f"use: tomtit device run {common} --parent {p.parent} --bundle B --data F"
-    if p.role == "edge":
-        return f"use: tomtit node run {common} --parent {p.parent} --bundle B"
-    return f"use: tomtit node run {common} --bundle B"
+        return f"use: tomtit device run --credentials {p.id}.toml --bundle B --data F"
+    return f"use: tomtit node run --credentials {p.id}.toml --bundle B"
