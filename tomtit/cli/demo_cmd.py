@@ -26,6 +26,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=32,
                    help="tokens per text (32 keeps 4 devices + 2 edges + cloud responsive on 2 cores)")
     p.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://HOST:PORT (your own)")
+    p.add_argument("--topology", choices=["single", "field"], default="single",
+                   help="single: one broker for all; field: a secured deployment from `tomtit deploy init` "
+                        "(TLS, passwords, ACLs, signed messages), one Mosquitto per edge bridged to the "
+                        "cloud's, devices talking only to their edge's broker")
     p.add_argument("--port", type=int, default=0, help="port for the broker we start (0: a free one)")
     p.add_argument("--scheduler", default="marginal:tau_min=5,tau_max=30", help="device sync scheduler")
     p.add_argument("--edge-scheduler", default="marginal:tau_min=2,tau_max=6")
@@ -90,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     procs: dict[str, subprocess.Popen] = {}
     broker_procs: dict[str, subprocess.Popen] = {}
     mosquitto = None
-    if args.broker.startswith("mqtt"):
+    creds: dict[str, Path] = {}
+    if args.topology == "field":
+        url = _field_brokers(out, args, broker_procs, creds, logs, say)
+    elif args.broker.startswith("mqtt"):
         url = args.broker
     else:
         port = args.port or free_port()
@@ -108,26 +115,32 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError(f"the embedded broker did not start; see {logs / 'broker.log'}")
         else:
             raise CliError("--broker must be embedded, mosquitto or mqtt://HOST:PORT")
-    say(f"[3/4] broker {url} ({args.broker}); logs in {logs}")
+    if args.topology != "field":
+        say(f"[3/4] broker {url} ({args.broker}); logs in {logs}")
     state = out / "state" / f"{args.job}-{int(time.time())}"
-    common = ["--bundle", str(bundle), "--broker", url, "--job", args.job]
     per_edge = -(-args.devices // args.edges)
+
+    def common(ident: str) -> list[str]:
+        if creds:  # broker, login, CA, --id/--parent/--job and signing keys from the credential file
+            return ["--bundle", str(bundle), "--credentials", str(creds[ident])]
+        return ["--bundle", str(bundle), "--broker", url, "--job", args.job]
+
     # The cloud publishes the run's configuration (schedulers, K, codec); edges and devices take it.
-    procs["cloud"] = _tomtit(["node", "run", "--id", "cloud", *common, "--strategy", args.strategy,
+    procs["cloud"] = _tomtit(["node", "run", "--id", "cloud", *common("cloud"), "--strategy", args.strategy,
                               "--k", "2", "--children", str(args.edges), "--device-scheduler", args.scheduler, "--edge-scheduler", args.edge_scheduler,
                               "--eval-data", str(split / "test.jsonl"),
                               "--target-accuracy", str(args.target_accuracy), "--max-minutes", str(args.max_minutes),
                               "--state-dir", str(state / "cloud"), "--summary", str(out / "cloud.json")],
                              logs / "cloud.log")
     for e in range(args.edges):
-        procs[f"edge{e}"] = _tomtit(["node", "run", "--id", f"edge{e}", "--parent", "cloud", *common,
+        procs[f"edge{e}"] = _tomtit(["node", "run", "--id", f"edge{e}", "--parent", "cloud", *common(f"edge{e}"),
                                      "--strategy", args.strategy, "--children", str(per_edge), "--max-wait", "30",
                                      "--state-dir", str(state / f"edge{e}"),
                                      "--summary", str(out / f"edge{e}.json")], logs / f"edge{e}.log")
     width = max(2, len(str(args.devices - 1)))
     for d in range(args.devices):
         name = f"dev{d:0{width}d}"
-        procs[name] = _tomtit(["device", "run", "--id", name, "--parent", f"edge{d // per_edge}", *common,
+        procs[name] = _tomtit(["device", "run", "--id", name, "--parent", f"edge{d // per_edge}", *common(name),
                                "--data", str(split / f"device-{d:0{width}d}.jsonl"),
                                "--lr", str(args.lr), "--state-dir", str(state / name),
                                "--summary", str(out / f"{name}.json")], logs / f"{name}.log")
@@ -155,6 +168,44 @@ def run(args: argparse.Namespace) -> int:
         if mosquitto is not None:
             mosquitto.stop()
     return _report(out, args, say)
+
+
+def _field_brokers(out: Path, args: argparse.Namespace, broker_procs: dict, creds: dict, logs: Path, say) -> str:
+    """A field deployment on this machine: `deploy init` with one Mosquitto per edge bridged to the
+    cloud's (all on loopback), the brokers started; fills `creds` (id -> credential file)."""
+    from edge_broker.brokers import BrokerError, find_mosquitto, free_port, wait_for_port
+    from tomtit.cli import CliError
+    from tomtit.deploy.init import init_deployment
+    from tomtit.deploy.topology import load_topology
+
+    try:
+        binary = find_mosquitto()
+    except BrokerError as e:
+        raise CliError(f"--topology field runs Mosquitto: {e}") from None
+    per_edge = -(-args.devices // args.edges)
+    width = max(2, len(str(args.devices - 1)))
+    ports = {"cloud": free_port(), **{f"edge{e}": free_port() for e in range(args.edges)}}
+    lines = [f'job = "{args.job}"', "[cloud]", 'host = "127.0.0.1"', f"port = {ports['cloud']}"]
+    for e in range(args.edges):
+        devs = [f"dev{d:0{width}d}" for d in range(args.devices) if d // per_edge == e]
+        lines += ["", "[[edges]]", f'id = "edge{e}"', f"devices = {json.dumps(devs)}", 'host = "127.0.0.1"',
+                  f"port = {ports[f'edge{e}']}"]
+    topo_file = out / "topology.toml"
+    topo_file.write_text("\n".join(lines) + "\n")
+    dep_dir = out / "deployment"
+    dep = init_deployment(load_topology(topo_file), dep_dir, force=True)
+    creds.update(dep.credentials)
+    for b in dep.brokers:
+        broker_procs[f"broker-{b.name}"] = subprocess.Popen([binary, "-c", str(b.conf)],
+                                                            stdout=(logs / f"broker-{b.name}.log").open("ab"),
+                                                            stderr=subprocess.STDOUT, start_new_session=True)
+    for name, port in ports.items():
+        if not wait_for_port("127.0.0.1", port, 20):
+            _stop(broker_procs)
+            raise CliError(f"Mosquitto for {name} did not start; see {logs / f'broker-{name}.log'}")
+    say(f"[3/4] field topology: {len(dep.brokers)} Mosquitto brokers (TLS, passwords, ACLs; each edge's "
+        f"bridged to the cloud's), signed messages; deployment in {dep_dir}; logs in {logs}")
+    return f"mqtts://127.0.0.1:{ports['cloud']}"
 
 
 def _show_progress(cloud_log: Path, shown: int, t0: float, say) -> int:
