@@ -171,7 +171,15 @@ def run_one(n: int, args) -> dict:
     cpu0 = {k: cpu_seconds(p.pid) for k, p in nodes.items()}
     broker0 = cpu_seconds(broker.pid)
     t0 = time.time()
-    results = [q.get(timeout=args.duration + 120) for _ in workers]
+    try:
+        results = [q.get(timeout=args.duration + 120) for _ in workers]
+    except Exception:  # queue.Empty: a worker never reported; stop everything we started first
+        for w in workers:
+            w.kill()
+        for p in nodes.values():
+            p.kill()
+        broker.kill()
+        raise RuntimeError(f"{n} devices: a device worker did not report in time (see {work})") from None
     elapsed = min(time.time(), stop_at) - t0
     cpu1 = {k: cpu_seconds(p.pid) for k, p in nodes.items()}
     broker1 = cpu_seconds(broker.pid)
@@ -216,14 +224,17 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=1, help="updates per aggregation at the edges")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    rows = [run_one(int(n), args) for n in args.devices.split(",")]
-    if args.json:
-        print(json.dumps(rows, indent=1))
     print(f"{'devices':>8} {'per edge':>8} {'applied/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'edge ms/upd':>11} "
-          f"{'broker %':>8} {'unacked':>7}")
-    for r in rows:
+          f"{'broker %':>8} {'unacked':>7}", flush=True)
+    rows = []
+    for n in args.devices.split(","):  # each row as soon as it is measured: a larger count may fail
+        r = run_one(int(n), args)
+        rows.append(r)
         print(f"{r['devices']:>8} {r['devices_per_edge']:>8.0f} {r['applied_per_s']:>9} {r['p50_ms']!s:>8} "
-              f"{r['p99_ms']!s:>8} {r['edge_cpu_ms_per_update']:>11} {r['broker_cpu_pct']:>8} {r['unacked_at_end']:>7}")
+              f"{r['p99_ms']!s:>8} {r['edge_cpu_ms_per_update']:>11} {r['broker_cpu_pct']:>8} {r['unacked_at_end']:>7}",
+              flush=True)
+        if args.json:
+            print(json.dumps(r), flush=True)
     ok = [r for r in rows if r["p99_ms"] is not None and r["p99_ms"] < 1000 and r["unacked_at_end"] == 0]
     if ok:
         best = max(ok, key=lambda r: r["devices_per_edge"])
