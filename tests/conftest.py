@@ -165,3 +165,17 @@ def spawn_tomtit(args: list[str], log_path: Path) -> subprocess.Popen:
     fh = open(log_path, "ab")
     return subprocess.Popen([sys.executable, "-m", "tomtit", *args], stdout=fh, stderr=subprocess.STDOUT,
                             env=env, cwd=str(ROOT))
+
+
+def wait_for(cond, timeout: float, what: str, logs) -> None:
+    """Poll `cond` until true; on timeout fail with the tail of each log (Paths, or name -> Path)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    items = logs.items() if isinstance(logs, dict) else ((p.name, p) for p in logs)
+    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(
+        f"--- {name}\n{p.read_text()[-1500:] if p.exists() else ''}" for name, p in items))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import spawn_tomtit
+from conftest import spawn_tomtit, wait_for
 from test_deploy import deploy, mosquitto_binary
 
 pytestmark = pytest.mark.mosquitto
@@ -94,16 +94,6 @@ def _count(path: Path, text: str) -> int:
     return path.read_text().count(text) if path.exists() else 0
 
 
-def _wait(cond, timeout: float, what: str, logs: dict) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(
-        f"--- {name}\n{p.read_text()[-1200:] if p.exists() else ''}" for name, p in logs.items()))
-
-
 def _exactly_once(sender_ledger: dict, applied_at_parent: list[str]) -> dict:
     """Compare what a sender saw acknowledged with what its parent applied."""
     acked = set(sender_ledger["applied"]) | set(sender_ledger["duplicate"])
@@ -153,7 +143,7 @@ def test_bridge_cut_broker_restart_and_a_lost_device_lose_nothing_and_apply_noth
         for d in DEVICES:
             procs[d] = spawn_tomtit(["device", "run", *common(d), "--data", str(tiny_data), "--lr", "1e-2",
                                      "--resend-after", "3"], logs[d])
-        _wait(lambda: _count(logs["cloud"], "aggregated") >= 2, 120, "the edge's pushes at the cloud", logs)
+        wait_for(lambda: _count(logs["cloud"], "aggregated") >= 2, 120, "the edge's pushes at the cloud", logs)
 
         # 1. cut the edge's link to the cloud: the edge goes on with its devices; pushes wait
         relay.cut()
@@ -162,7 +152,7 @@ def test_bridge_cut_broker_restart_and_a_lost_device_lose_nothing_and_apply_noth
         assert _count(logs["e0"], "aggregated") > edge_before, "the edge stopped while cut off"
         cloud_at_restore = _count(logs["cloud"], "aggregated")
         relay.restore()
-        _wait(lambda: _count(logs["cloud"], "aggregated") > cloud_at_restore, 60,
+        wait_for(lambda: _count(logs["cloud"], "aggregated") > cloud_at_restore, 60,
               "pushes reaching the cloud after the link came back", logs)
 
         # 2. restart the edge's broker (persistence on): sessions and queued messages survive
@@ -171,7 +161,7 @@ def test_bridge_cut_broker_restart_and_a_lost_device_lose_nothing_and_apply_noth
         time.sleep(1)
         edge_before = _count(logs["e0"], "aggregated")
         brokers["e0"] = _start_broker(edge_conf, edge_port, tmp_path / "broker-e0.log")
-        _wait(lambda: _count(logs["e0"], "aggregated") > edge_before + 2, 60,
+        wait_for(lambda: _count(logs["e0"], "aggregated") > edge_before + 2, 60,
               "the edge aggregating after its broker restarted", logs)
 
         # 3. a device goes away for good

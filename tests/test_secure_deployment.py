@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import spawn_tomtit
+from conftest import spawn_tomtit, wait_for
 from test_deploy import deploy, read_creds, run_broker
 
 JOB = "default"
@@ -27,16 +27,6 @@ def _client(port: int, creds: dict, ca):
                                   tls_ca=str(ca), persistent=False)).start()
     assert t.wait_connected(10)
     return t
-
-
-def _wait(cond, timeout: float, what: str, logs) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(
-        f"--- {p.name}\n{p.read_text()[-1500:]}" for p in logs))
 
 
 def test_a_signed_federation_runs_on_credentials_alone_and_refuses_forgeries(tmp_path, tiny_bundle, tiny_data):
@@ -66,7 +56,7 @@ def test_a_signed_federation_runs_on_credentials_alone_and_refuses_forgeries(tmp
                                          str(tmp_path / "s-d00"), "--data", str(tiny_data), "--lr", "1e-2"],
                                         logs["d00"])
             # signed end to end: the edge applies the device's updates and the cloud the edge's pushes
-            _wait(lambda: "aggregated" in logs["cloud"].read_text() and "merged parent model" in logs["e0"].read_text(),
+            wait_for(lambda: "aggregated" in logs["cloud"].read_text() and "merged parent model" in logs["e0"].read_text(),
                   120, "signed updates reaching the cloud", logs.values())
             assert "signature" not in logs["e0"].read_text() + logs["cloud"].read_text()
 
@@ -86,10 +76,10 @@ def test_a_signed_federation_runs_on_credentials_alone_and_refuses_forgeries(tmp
             _, unsigned = update_bytes(np.zeros(m.buffer_size, np.float32), sender="d00", manifest=m, job=JOB)
             dev_login = _client(port, read_creds(dep, "d00"), ca)
             dev_login.publish(t.up("e0", "d00"), unsigned)
-            _wait(lambda: "bad signature from 'e0'" in logs["d00"].read_text()
+            wait_for(lambda: "bad signature from 'e0'" in logs["d00"].read_text()
                   and "signature" in logs["e0"].read_text(), 60, "both forgeries refused", logs.values())
             n = logs["cloud"].read_text().count("aggregated")
-            _wait(lambda: logs["cloud"].read_text().count("aggregated") > n, 60, "the federation going on",
+            wait_for(lambda: logs["cloud"].read_text().count("aggregated") > n, 60, "the federation going on",
                   logs.values())
             assert "v1000000" not in logs["d00"].read_text()
             for p in procs.values():
