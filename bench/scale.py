@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,40 +44,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _template(bundle: str, device: str, job: str) -> bytes:
+def _template(manifest, device: str, job: str) -> bytes:
     import numpy as np
 
     from device_runtime.adapter import unflatten
-    from device_runtime.bundle import open_bundle
     from tomtit.wire import ModelMessage, encode_message
 
-    m = open_bundle(bundle, roles=()).manifest
     rng = np.random.default_rng(abs(hash(device)) % 2**32)
-    delta = (rng.standard_normal(m.buffer_size) * 1e-4).astype(np.float32)
+    delta = (rng.standard_normal(manifest.buffer_size) * 1e-4).astype(np.float32)
     return encode_message(ModelMessage(
-        kind="update", sender=device, job=job, bundle_id=m.bundle_id, base_version=0, version=1,
+        kind="update", sender=device, job=job, bundle_id=manifest.bundle_id, base_version=0, version=1,
         num_samples=100, local_steps=10, train_loss=1.0, energy_j=1.0, is_delta=True, created_at=1.0,
-        codec="f16", update_id=PLACEHOLDER, tensors=unflatten(delta, m.trainable)))
+        codec="f16", update_id=PLACEHOLDER, tensors=unflatten(delta, manifest.trainable)))
 
 
-def device_worker(cred_paths: list[str], bundle: str, interval: float, start_at: float, stop_at: float,
-                  out: mp.Queue) -> None:
-    """Runs many synthetic devices: one paho client each; one thread paces all their publishes."""
+def device_worker(cred_paths: list[str], bundle: str, interval: float, duration: float, start_at, go,
+                  ready: mp.Queue, out: mp.Queue) -> None:
+    """Runs many synthetic devices: one paho client each; one thread paces all their publishes.
+
+    Everything slow (payloads, TLS connections) happens before the worker says it is ready; the
+    parent starts the clock only when every worker is ready, so a large count measures the
+    offered rate, not how long 1,000 TLS handshakes take."""
     import paho.mqtt.client as paho
 
+    from device_runtime.bundle import open_bundle
     from tomtit.deploy.credentials import load_credentials
     from tomtit.signing import Signer
     from tomtit.wire import Topics, decode_acks, new_update_id
 
+    manifest = open_bundle(bundle, roles=()).manifest
     sent: dict[str, float] = {}
     latencies: list[float] = []
     lock = threading.Lock()
+    subscribed = threading.Semaphore(0)
     clients, plans = [], []
     for path in cred_paths:
         c = load_credentials(path)
         topics = Topics(c.job)
         signer = Signer(c.id, c.private_key())
-        template = _template(bundle, c.id, c.job)
+        template = _template(manifest, c.id, c.job)
         cl = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"bench-{c.id}", clean_session=True)
         cl.username_pw_set(c.username, c.password)
         cl.tls_set(ca_certs=str(c.ca_file))
@@ -85,6 +91,9 @@ def device_worker(cred_paths: list[str], bundle: str, interval: float, start_at:
 
         def on_connect(client, userdata, flags, rc, props=None, ack_topic=ack_topic):
             client.subscribe(ack_topic, qos=1)
+
+        def on_subscribe(client, userdata, mid, rcs, props=None):
+            subscribed.release()
 
         def on_message(client, userdata, msg):
             now = time.time()
@@ -98,12 +107,20 @@ def device_worker(cred_paths: list[str], bundle: str, interval: float, start_at:
                     if t0 is not None and a.status == "applied":
                         latencies.append(now - t0)
 
-        cl.on_connect, cl.on_message = on_connect, on_message
+        cl.on_connect, cl.on_subscribe, cl.on_message = on_connect, on_subscribe, on_message
         host, port = c.broker.split("://", 1)[1].rsplit(":", 1)
-        cl.connect_async(host, int(port), keepalive=60)
+        cl.connect_async(host, int(port), keepalive=120)
         cl.loop_start()
         clients.append(cl)
         plans.append((cl, topics.up(c.parent, c.id), template, signer))
+    deadline = time.time() + 60 + len(plans) / 5
+    n_subscribed = 0
+    while n_subscribed < len(plans) and subscribed.acquire(timeout=max(0.0, deadline - time.time())):
+        n_subscribed += 1
+    ready.put(n_subscribed)
+    go.wait()
+    start_at = start_at.value
+    stop_at = start_at + duration
     # publish schedule: each device at a random phase, then every `interval`
     rng = random.Random(os.getpid())
     nxt = [start_at + rng.uniform(0, interval) for _ in plans]
@@ -158,28 +175,44 @@ def run_one(n: int, args) -> dict:
         node(e)
     time.sleep(8)  # nodes up and subscribed, the run configuration retained
     creds = sorted(str(p) for p in (dep / "credentials").glob("d*.toml"))
-    start_at = time.time() + 10 + n / 100  # connections and TLS handshakes first
-    stop_at = start_at + args.duration
-    q: mp.Queue = mp.get_context("spawn").Queue()
     ctx = mp.get_context("spawn")
-    workers = [ctx.Process(target=device_worker, args=(creds[w::args.workers], args.bundle, args.interval, start_at,
-                                                       stop_at, q)) for w in range(args.workers)]
+    q, ready = ctx.Queue(), ctx.Queue()
+    start_value, go = ctx.Value("d", 0.0), ctx.Event()
+    workers = [ctx.Process(target=device_worker, args=(creds[w::args.workers], args.bundle, args.interval,
+                                                       args.duration, start_value, go, ready, q))
+               for w in range(args.workers)]
     for w in workers:
         w.start()
+
+    def stop_all(why: str) -> None:
+        for w in workers:
+            w.kill()
+        for p in nodes.values():
+            p.kill()
+        broker.kill()
+        raise RuntimeError(f"{n} devices: {why} (see {work})")
+
+    t_prep = time.time()
+    try:
+        connected = sum(ready.get(timeout=600) for _ in workers)
+    except Exception:  # queue.Empty
+        stop_all("a device worker never finished connecting")
+    if connected < n:
+        stop_all(f"only {connected} of {n} devices connected and subscribed")
+    prep_s = time.time() - t_prep
+    start_at = time.time() + 1.0
+    start_value.value = start_at
+    go.set()
+    stop_at = start_at + args.duration
     while time.time() < start_at:
-        time.sleep(0.1)
+        time.sleep(0.05)
     cpu0 = {k: cpu_seconds(p.pid) for k, p in nodes.items()}
     broker0 = cpu_seconds(broker.pid)
     t0 = time.time()
     try:
         results = [q.get(timeout=args.duration + 120) for _ in workers]
     except Exception:  # queue.Empty: a worker never reported; stop everything we started first
-        for w in workers:
-            w.kill()
-        for p in nodes.values():
-            p.kill()
-        broker.kill()
-        raise RuntimeError(f"{n} devices: a device worker did not report in time (see {work})") from None
+        stop_all("a device worker did not report in time")
     elapsed = min(time.time(), stop_at) - t0
     cpu1 = {k: cpu_seconds(p.pid) for k, p in nodes.items()}
     broker1 = cpu_seconds(broker.pid)
@@ -194,6 +227,8 @@ def run_one(n: int, args) -> dict:
             p.kill()
     broker.terminate()
     broker.wait(10)
+    if not args.keep:  # it holds a whole deployment's secrets
+        shutil.rmtree(work, ignore_errors=True)
     lat = sorted(x for r in results for x in r["latencies"])
     applied = len(lat)
     edge_cpu = sum(cpu1[e] - cpu0[e] for e in edges)
@@ -209,7 +244,7 @@ def run_one(n: int, args) -> dict:
         "edge_cpu_ms_per_update": round(1000 * edge_cpu / max(applied, 1), 2),
         "broker_cpu_pct": round(100 * (broker1 - broker0) / max(elapsed, 1e-9), 1),
         "cloud_cpu_pct": round(100 * (cpu1["cloud"] - cpu0["cloud"]) / max(elapsed, 1e-9), 1),
-        "work_dir": str(work),
+        "connect_s": round(prep_s, 1), "work_dir": str(work) if args.keep else None,
     }
 
 
@@ -222,7 +257,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds per device count")
     ap.add_argument("--workers", type=int, default=4, help="processes running the synthetic devices")
     ap.add_argument("--k", type=int, default=1, help="updates per aggregation at the edges")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="also print each row as one JSON line")
+    ap.add_argument("--keep", action="store_true", help="keep each count's folder (deployment, logs)")
     args = ap.parse_args()
     print(f"{'devices':>8} {'per edge':>8} {'applied/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'edge ms/upd':>11} "
           f"{'broker %':>8} {'unacked':>7}", flush=True)
