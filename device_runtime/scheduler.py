@@ -37,6 +37,16 @@ _SECOND_LIMIT = 1e9
 _SAMPLE_LIMIT = 1e9
 
 
+# The schedulers ours runs with, everywhere (the CLI's defaults and the simulator's "ours").
+# A device keeps tau_min = 5 steps: fewer noisy minibatch losses make a slope that ends cycles at
+# random. An edge's "step" is one absorbed child update and its loss the sample-weighted mean of
+# its children's latest losses, far less noisy than one minibatch, so tau_min = 1: with the device
+# default an edge under 4 children syncing together waited for two bursts of updates before its
+# first push and pushed ~25 % less often than a tuned kappa = 4 (docs/evaluation.md, section 3).
+DEVICE_SCHEDULER = "marginal"
+EDGE_SCHEDULER = "marginal:tau_min=1"
+
+
 class SchedulerConfigError(TomtitError, ValueError):
     """A scheduler spec or config value is wrong; the message names the bad part."""
 

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from device_runtime.scheduler import DEVICE_SCHEDULER, EDGE_SCHEDULER
 from tomtit.cli.mqtt_args import (add_broker_args, mqtt_options, resolve_identity, setup_logging, signing_keys,
                                   stop_event_on_signals)
 
@@ -28,8 +29,10 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--server-lr", type=float)
     r.add_argument("--max-norm", type=float, default=100.0, help="reject child deltas with a larger L2 norm")
     r.add_argument("--scheduler", help="edge: marginal | fixed:K2 | adaptive (default: the run's edge scheduler)")
-    r.add_argument("--device-scheduler", default="marginal", help="cloud: the run's device scheduler (published)")
-    r.add_argument("--edge-scheduler", default="marginal", help="cloud: the run's edge scheduler (published)")
+    r.add_argument("--device-scheduler", default=DEVICE_SCHEDULER,
+                   help=f"cloud: the run's device scheduler (published; default {DEVICE_SCHEDULER})")
+    r.add_argument("--edge-scheduler", default=EDGE_SCHEDULER,
+                   help=f"cloud: the run's edge scheduler (published; default {EDGE_SCHEDULER})")
     r.add_argument("--up-codec", default="f16", choices=["f32", "f16", "int8"],
                    help="cloud: the codec children encode updates with (published)")
     r.add_argument("--config-timeout", type=float, default=120.0,

@@ -15,10 +15,11 @@ seeds; ours runs with one default for every scenario and gets no grid.
 """
 from __future__ import annotations
 
+from device_runtime.scheduler import DEVICE_SCHEDULER, EDGE_SCHEDULER
 from tomtit.sim.engine import Setting
 
 OURS = Setting("ours", "ours (marginal, untuned)", flat=False, synchronous=False,
-               device_scheduler="marginal", edge_scheduler="marginal")
+               device_scheduler=DEVICE_SCHEDULER, edge_scheduler=EDGE_SCHEDULER)
 
 
 # Small grids, chosen to fit the 2-core compute budget (docs/evaluation.md): each spans the
