@@ -552,4 +552,10 @@ def make_strategy(name: str, *, expected_children: int | None = None, **opts: ob
     elif name == "fedavg" and "k_updates" not in opts:
         raise AggregationError("strategy 'fedavg' waits for every child: give expected_children (or k_updates)")
     changes.update(opts)  # an explicit option wins over what expected_children implies
+    k_updates = changes.get("k_updates", config.k_updates)
+    if (name == "trimmed" and "trim_fraction" not in opts and isinstance(k_updates, int) and k_updates >= 3
+            and _trim_count(config.trim_fraction, k_updates) < 1):
+        # An edge with 3 or 4 children caps K below 5, where the default 0.2 trims nothing (a plain
+        # mean in disguise, which BufferConfig refuses): trim one update from each end instead.
+        changes["trim_fraction"] = 1.0 / k_updates
     return AsyncBuffer(replace(config, **changes))  # one replace: validated once, as a whole

@@ -520,9 +520,23 @@ def test_make_strategy_fedavg_needs_the_child_count():
     assert make_strategy("fedavg", k_updates=3).config.k_updates == 3
 
 
-def test_make_strategy_trimmed_with_few_children_says_why():
+@pytest.mark.parametrize("children, k, trimmed_each_end", [(3, 3, 1), (4, 4, 1), (5, 5, 1), (10, 5, 1)])
+def test_make_strategy_trimmed_default_trims_one_from_each_end_under_few_children(children, k, trimmed_each_end):
+    # An edge with 4 children caps K at 4, where the default 0.2 would trim nothing; it must still
+    # aggregate (this crashed a node before) and still trim: the extremes of K hand-made updates go.
+    buffer = make_strategy("trimmed", expected_children=children)
+    assert buffer.config.k_updates == k
+    values = [1000.0] + [float(i) for i in range(1, k - 1)] + [-1000.0]
+    kept = sorted(values)[trimmed_each_end:k - trimmed_each_end]
+    np.testing.assert_allclose(trimmed_mean([upd([v]) for v in values], buffer.config.trim_fraction),
+                               [np.mean(kept)], rtol=RTOL)
+
+
+def test_make_strategy_trimmed_refuses_what_trims_nothing():
     with pytest.raises(AggregationError, match="trims no"):
-        make_strategy("trimmed", expected_children=3)
+        make_strategy("trimmed", expected_children=2)  # two updates: nothing to trim and keep
+    with pytest.raises(AggregationError, match="trims no"):
+        make_strategy("trimmed", expected_children=4, trim_fraction=0.2)  # explicit: obeyed, so refused
     assert make_strategy("trimmed", expected_children=3, trim_fraction=0.34).config.k_updates == 3
 
 
