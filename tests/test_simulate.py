@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tomtit.sim.config import Link, ScenarioError, load_profiles, load_scenario, scenario_from_dict
@@ -195,6 +196,25 @@ def test_a_poisoned_device_and_the_aggregation_strategy_reach_the_real_nodes(tin
     assert trimmed["syncs"] == clean["syncs"]
     agg = lambda r: r["edges"][0]["aggregations"]  # noqa: E731
     assert agg(trimmed) <= trimmed["syncs"] // 5 < clean["syncs"] // 3 <= agg(clean) + 1
+    # clip_norm reaches the edges' buffers: clipped to 1e-9, no update moves the global model
+    scored: list[np.ndarray] = []
+    evaluate = world.evaluator
+
+    def recording_evaluator(adapter):
+        scored.append(np.array(adapter, copy=True))
+        return evaluate(adapter)
+
+    world.evaluator = recording_evaluator
+    initial = world.base_trainer.get_adapter()
+    clipped = run(clip_norm=1e-9)
+    assert clipped["syncs"] > 0 and clipped["global_versions"] > 1 and len(scored) > 1
+    assert max(float(np.abs(a - initial).max()) for a in scored) < 1e-6
+    scored.clear()
+    run()  # the same run unclipped moves the model
+    assert max(float(np.abs(a - initial).max()) for a in scored) > 1e-3
+    for bad in (0.0, -1.0, "2", True):
+        with pytest.raises(ScenarioError, match="clip_norm"):
+            dataclasses.replace(base, clip_norm=bad).check(PROFILES)
     with pytest.raises(ScenarioError, match="strategy"):
         dataclasses.replace(base, strategy="fedavg").check(PROFILES)
     with pytest.raises(ScenarioError, match="poison"):

@@ -152,6 +152,9 @@ class Scenario:
     max_device_steps: int = 3000  # compute cap: real training steps per run, all devices together
     seeds: int = 3  # default number of seeds
     strategy: str = "fedbuff"  # aggregation at every node of the asynchronous methods (fedbuff, median, trimmed...)
+    # Where devices' updates are aggregated, clip each to this L2 norm before combining (None: off;
+    # the nodes' absolute bound max_update_norm applies either way). For poisoning studies.
+    clip_norm: float | None = None
     events: tuple[Event, ...] = field(default_factory=tuple)
 
     def check(self, profiles: Profiles) -> "Scenario":
@@ -192,6 +195,10 @@ class Scenario:
                 raise ScenarioError(f"{where}.value = {e.value!r}: a link event needs a link profile")
             if e.kind == "poison" and poison_factor(e.value) is None:
                 raise ScenarioError(f"{where}.value = {e.value!r}: a poison event needs 'flip' or 'scale:F'")
+        if self.clip_norm is not None:
+            need(not isinstance(self.clip_norm, bool) and isinstance(self.clip_norm, (int, float))
+                 and 0 < self.clip_norm < math.inf, "clip_norm",
+                 "must be > 0 (or absent: no clipping)")
         from edge_broker.aggregation import STRATEGIES
 
         if self.strategy not in STRATEGIES or self.strategy == "fedavg":

@@ -249,7 +249,8 @@ class _Run:
             # the scenario's strategy where devices' updates are aggregated (poisoning enters there);
             # a cloud over edges keeps fedbuff (a robust statistic over 2-5 edges protects little)
             devices_below = parent is not None or s.flat
-            buffer = make_strategy(self.sc.strategy if devices_below else "fedbuff", expected_children=children)
+            clip = {"clip_norm": self.sc.clip_norm} if devices_below and self.sc.clip_norm is not None else {}
+            buffer = make_strategy(self.sc.strategy if devices_below else "fedbuff", expected_children=children, **clip)
         scheduler = make_scheduler(s.edge_scheduler) if parent else None
         node = Node(NodeConfig(node_id=name, parent=parent, job=JOB, resend_after_s=1e9, link_joules_per_mb=0.0,
                                wait_for_parent=s.synchronous, telemetry_every_s=1e9),
