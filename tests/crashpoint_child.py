@@ -13,6 +13,7 @@ The ledger: before staging an update the device appends its id and delta to `aud
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -53,6 +54,18 @@ def main(root: Path) -> int:
 
     uplink_mod.stage_update = audited_stage
 
+    # A state file that fails to load is logged and the device starts from scratch (the right
+    # thing on a board); here it would hide exactly what this test looks for, so it is collected.
+    load_errors: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            load_errors.append(record.getMessage())
+
+    collector = Collect(logging.WARNING)
+    for name in ("device_runtime", "edge_broker", "tomtit"):
+        logging.getLogger(name).addHandler(collector)
+
     broker = MemoryBroker()
     # K=1 and no staleness discount: the model is exactly the sum of what was applied
     buffer = make_strategy("fedbuff", k_updates=1, max_wait_s=1e9, staleness_exponent=0.0,
@@ -91,7 +104,11 @@ def main(root: Path) -> int:
         "acked_lost": sorted(acked - set(applied)),
         "unknown_applied": sorted(set(applied) - set(deltas)),
     }
+    report["device_steps"] = agent.stats.steps  # resumed, not restarted: it only grows
+    report["load_errors"] = list(load_errors)
     print(json.dumps(report), flush=True)
+    for name in ("device_runtime", "edge_broker", "tomtit"):
+        logging.getLogger(name).removeHandler(collector)  # what the run logs later is not about loading
     if len(sys.argv) > 2 and sys.argv[2] == "check":
         return 0
 

@@ -1,4 +1,5 @@
-"""Coverage-guided fuzzing of every decoder that reads bytes from the network (atheris/libFuzzer).
+"""Coverage-guided fuzzing of every parser that reads bytes from the network (atheris/libFuzzer):
+the wire decoders, the signature envelope and the node's update-id hint for rejected payloads.
 
     python tests/fuzz_wire_atheris.py CORPUS_DIR -runs=20000 -max_len=4096
 
@@ -14,10 +15,13 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["tomtit.wire"]):
+with atheris.instrument_imports(include=["tomtit.wire", "tomtit.signing"]):
     import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from edge_broker.node import _update_id_hint
     from tomtit.manifest import TensorSpec
+    from tomtit.signing import Keyring, Signer, split_envelope
     from tomtit.wire import (FlatDecoder, Reassembler, WireError, decode_ack, decode_acks, decode_error,
                              decode_message, decode_presence, decode_run_config, decode_telemetry, is_chunk)
 
@@ -25,12 +29,15 @@ BUNDLE = "0" * 64
 MAX = 1 << 20
 SPECS = [TensorSpec("lora_A", (4, 6)), TensorSpec("lora_B", (6, 4)), TensorSpec("bias", (1,))]
 FLAT = FlatDecoder(SPECS, bundle_id=BUNDLE, max_bytes=MAX)
+SIGNER = Signer("dev-1", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+KEYRING = Keyring({"dev-1": SIGNER.public_key()})
 DECODERS = (
     lambda b: decode_message(b, expected=SPECS, bundle_id=BUNDLE, max_bytes=MAX),
     lambda b: decode_message(b, expected=None, bundle_id=None, max_bytes=MAX),
     lambda b: Reassembler(30, MAX).add(b, 0.0),
     lambda b: FLAT.decode(b),
     decode_ack, decode_acks, decode_presence, decode_error, decode_telemetry, decode_run_config,
+    split_envelope, KEYRING.verify, lambda b: KEYRING.verify(b, expect_signer="dev-1"),
 )
 
 
@@ -49,6 +56,7 @@ def seed_corpus() -> list[bytes]:
                          codec=codec)
         out.append(encode_message(m))
     out += split_payload(out[0] + bytes(2000), update_id="0123456789abcdef0123456789abcdef", limit=1024)[:2]
+    out.append(SIGNER.sign(out[1]))  # a signed f16 update
     out += [encode_ack(Ack("0123456789abcdef0123456789abcdef", "applied", "", 4)),
             encode_acks([Ack("f" * 32, "rejected", "norm", 3)]),
             encode_presence(Presence("dev-1", "online", "device", 2, 1.5))]
@@ -63,6 +71,9 @@ def test_one_input(data: bytes) -> None:
             pass  # the one allowed failure
     if not isinstance(is_chunk(data), bool):
         raise AssertionError("is_chunk must answer True or False")
+    hint = _update_id_hint(data)  # runs on payloads that already failed: it must never raise
+    if hint and len(hint) != 32:
+        raise AssertionError(f"update_id hint {hint!r}")
 
 
 def main() -> None:

@@ -50,6 +50,9 @@ def test_sigkill_at_random_instants_never_breaks_the_state_or_the_ledger(tmp_pat
         assert r["model_matches_ledger"], (i, r)
         assert r["applied_once"], (i, r)
         assert r["acked_lost"] == [] and r["unknown_applied"] == [], (i, r)
+        assert r["load_errors"] == [], (i, r)  # every restart resumed from its state files
+    steps = [r["device_steps"] for r in reports]
+    assert steps == sorted(steps) and steps[-1] > 0, steps  # a device that restarted from scratch would drop
     applied = [r["applied"] for r in reports]
     assert applied == sorted(applied)  # the ledger only grows: nothing applied is ever forgotten
     assert applied[-1] >= 3 * KILLS, applied[-1]  # the run made progress between kills

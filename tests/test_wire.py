@@ -1230,7 +1230,7 @@ def test_atheris_coverage_guided_fuzz_of_every_decoder(tmp_path):
     harness = Path(__file__).with_name("fuzz_wire_atheris.py")
     corpus = tmp_path / "corpus"
     subprocess.run([sys.executable, str(harness), "--write-seeds", str(corpus)], check=True, capture_output=True)
-    assert len(list(corpus.iterdir())) >= 8
+    assert len(list(corpus.iterdir())) >= 9
     out = subprocess.run([sys.executable, str(harness), str(corpus), "-runs=100000", "-max_len=4096",
                           "-timeout=10", "-seed=1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     tail = out.stderr[-3000:]
