@@ -220,6 +220,10 @@ class Uplink:
 
     def on_acks(self, payload: bytes) -> list[Ack]:
         """Drop acknowledged updates from the outbox; returns the acks that were news."""
+        if self.keyring is not None:  # only our parent's acks: a forged one would lose an update
+            payload = self.keyring.verify(payload, expect_signer=self.cfg.parent)
+        elif is_signed(payload):
+            payload = strip_unverified(payload)  # no keys configured: we cannot check it
         news = []
         for ack in decode_acks(payload):
             if not self.outbox.ack(ack.update_id):

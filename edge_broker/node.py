@@ -260,13 +260,16 @@ class Node:
                                          node_version=self.version))
 
     def _send_acks(self) -> None:
+        # Signed like our models: a child drops an update from its outbox on an ack, so a forged
+        # "applied" (a compromised broker or bridge) would lose that update for good.
+        sign = self.signer.sign if self.signer is not None else (lambda payload: payload)
         for child, acks in self._acks_out.items():
             topic = self.topics.ack(self.cfg.node_id, child)
             if len(acks) == 1:  # the single-ack form: children older than ack batches read it too
-                self._publish(topic, encode_ack(acks[0]))
+                self._publish(topic, sign(encode_ack(acks[0])))
                 continue
             for i in range(0, len(acks), MAX_ACKS_PER_MESSAGE):
-                self._publish(topic, encode_acks(acks[i:i + MAX_ACKS_PER_MESSAGE]))
+                self._publish(topic, sign(encode_acks(acks[i:i + MAX_ACKS_PER_MESSAGE])))
         self._acks_out.clear()
 
     def _reject(self, child: str, update_id: str, reason: str, detail: str, *, ack: bool = True) -> None:

@@ -69,14 +69,15 @@ def test_a_node_takes_only_updates_its_child_signed(tmp_path):
     assert node.version == 0 and node.stats.rejected["signature"] == 2
     got = [x for x in iter(lambda: c.get(0), None)]
     assert [decode_error(x.payload).reason for x in got if "/errors/" in x.topic] == ["signature", "signature"]
-    assert not [a for x in got if "/ack/" in x.topic for a in decode_acks(x.payload)]  # never acked
+    assert not [x for x in got if "/ack/" in x.topic]  # never acked
     uid, good = update_bytes(np.full(SIZE, 0.5, np.float32), sender="d1", manifest=m, job=JOB)
     c.publish(T.up("edge", "d1"), keys["d1"].sign(good))
     node.run_once(timeout=0)
     assert node.version == 1
     np.testing.assert_allclose(node.model, 0.5)
+    edge_ring = Keyring({"edge": keys["edge"].public_key()})  # the node signs its acks too
     assert [(a.update_id, a.status) for x in iter(lambda: c.get(0), None) if "/ack/" in x.topic
-            for a in decode_acks(x.payload)] == [(uid, "applied")]
+            for a in decode_acks(edge_ring.verify(x.payload, expect_signer="edge"))] == [(uid, "applied")]
 
 
 def test_a_device_adopts_only_models_its_parent_signed_and_signs_its_updates(tmp_path):
@@ -109,3 +110,32 @@ def test_a_device_adopts_only_models_its_parent_signed_and_signs_its_updates(tmp
         agent.step()
     assert agent.stats.models_adopted == adopted and agent.base_version == base
     assert np.abs(agent.trainer.get_adapter()).max() < 2.0  # no 7.0 from the forged model
+
+
+def test_a_device_drops_an_update_only_on_an_ack_its_parent_signed(tmp_path):
+    """An ack makes a device delete the update from its outbox: a forged "applied" (from a
+    compromised broker or bridge) would lose it for good, so acks are signed and checked."""
+    from tomtit.wire import Ack, encode_acks
+
+    keys = {"edge": signer("edge"), "d1": signer("d1")}
+    broker = MemoryBroker()
+    agent = DeviceAgent(
+        DeviceConfig(device_id="d1", parent="edge", job=JOB, codec="f32", wait_for_model_s=0.0,
+                     resend_after_s=1e9),
+        manifest=synthetic_manifest(), trainer=QuadraticTrainer(np.full(SIZE, 1.0, np.float32)),
+        batches=DummyBatches(), num_samples=10, meter=CountingMeter(), scheduler=make_scheduler("fixed:2"),
+        transport=broker.client("d1"), state_dir=tmp_path / "d1",
+        signer=keys["d1"], keyring=Keyring({"edge": keys["edge"].public_key()}))
+    agent._on_connection_change()
+    for _ in range(2):
+        agent.step()
+    (uid,) = agent.outbox.ids()  # sent; no node is running, so nothing acked it
+    fake = encode_acks([Ack(uid, "applied", "", 1), Ack("f" * 32, "applied", "", 1)])
+    mallory = broker.client("mallory")
+    for forged in (fake, signer("edge").sign(fake), keys["d1"].sign(fake)):  # unsigned, wrong key, wrong signer
+        mallory.publish(T.ack("edge", "d1"), forged)
+        agent.drain_inbound()
+    assert agent.outbox.ids() == [uid] and agent.uplink.acked == 0
+    mallory.publish(T.ack("edge", "d1"), keys["edge"].sign(fake))  # what the real parent sends
+    agent.drain_inbound()
+    assert agent.outbox.ids() == [] and agent.uplink.acked == 1
