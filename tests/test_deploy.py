@@ -365,6 +365,31 @@ def test_a_device_cannot_publish_a_model(connect):
 
 
 @pytest.mark.mosquitto
+def test_an_edge_publishes_only_as_itself_one_tier_up(connect):
+    cloud, e0, e1, d02 = connect("cloud"), connect("e0"), connect("e1"), connect("d02")
+    cloud.subscribe(topic("up_filter", "cloud"))
+    d02.subscribe(topic("down", "e1"))
+    e0.publish(topic("up", "cloud", "e1"), b"forged: e0 as e1")
+    e0.publish(topic("down", "e1"), b"forged: e0 as e1's model")
+    e0.publish(topic("down", "cloud"), b"forged: e0 as the cloud's model")
+    e0.publish(topic("up", "cloud", "e0"), b"legit e0 push")
+    e1.publish(topic("down", "e1"), b"e1 model")
+    assert cloud.until(topic("up", "cloud", "e0"), b"legit e0 push") == [(topic("up", "cloud", "e0"), b"legit e0 push")]
+    assert d02.until(topic("down", "e1"), b"e1 model") == [(topic("down", "e1"), b"e1 model")]
+
+
+@pytest.mark.mosquitto
+def test_a_device_reads_only_its_own_acks_and_its_parents_model(connect):
+    e0, e1, d01 = connect("e0"), connect("e1"), connect("d01")
+    for t in (topic("ack", "e0", "d00"), topic("down", "e1"), topic("ack", "e0", "d01")):
+        d01.subscribe(t)  # the first two are not granted: nothing may arrive from them
+    e0.publish(topic("ack", "e0", "d00"), b"d00's ack")
+    e1.publish(topic("down", "e1"), b"another edge's model")
+    e0.publish(topic("ack", "e0", "d01"), b"d01's ack")
+    assert d01.until(topic("ack", "e0", "d01"), b"d01's ack") == [(topic("ack", "e0", "d01"), b"d01's ack")]
+
+
+@pytest.mark.mosquitto
 def test_monitor_reads_status_and_cannot_publish(connect):
     mon, e0, d01 = connect("monitor"), connect("e0"), connect("d01")
     mon.subscribe(topic("status_filter"))
