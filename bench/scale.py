@@ -20,6 +20,7 @@ The operator's answer printed at the end: the largest N per edge whose p99 staye
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -76,6 +77,7 @@ def device_worker(cred_paths: list[str], bundle: str, interval: float, duration:
     manifest = open_bundle(bundle, roles=()).manifest
     sent: dict[str, float] = {}
     latencies: list[float] = []
+    not_applied: collections.Counter = collections.Counter()
     lock = threading.Lock()
     subscribed = threading.Semaphore(0)
     clients, plans = [], []
@@ -106,8 +108,12 @@ def device_worker(cred_paths: list[str], bundle: str, interval: float, duration:
             with lock:
                 for a in acks:
                     t0 = sent.pop(a.update_id, None)
-                    if t0 is not None and a.status == "applied":
+                    if t0 is None:
+                        continue
+                    if a.status == "applied":
                         latencies.append(now - t0)
+                    else:  # counted and reported: a bench that times only the applied ones must say so
+                        not_applied[f"{a.status}:{a.reason}" if a.reason else a.status] += 1
 
         cl.on_connect, cl.on_subscribe, cl.on_message = on_connect, on_subscribe, on_message
         host, port = c.broker.split("://", 1)[1].rsplit(":", 1)
@@ -146,7 +152,8 @@ def device_worker(cred_paths: list[str], bundle: str, interval: float, duration:
         cl.loop_stop()
         cl.disconnect()
     with lock:
-        out.put({"published": published, "latencies": latencies, "unacked": len(sent)})
+        out.put({"published": published, "latencies": latencies, "unacked": len(sent),
+                 "not_applied": dict(not_applied)})
 
 
 def run_one(n: int, args) -> dict:
@@ -174,7 +181,9 @@ def run_one(n: int, args) -> dict:
     node("cloud", "--device-scheduler", "fixed:10", "--edge-scheduler", "fixed:1000")
     edges = [f"e{i}" for i in range(args.edges)]
     for e in edges:
-        node(e)
+        # Synthetic devices never download a model, so every update says base version 0; with the
+        # default bound (20 versions) an edge would refuse them as stale after its 20th update.
+        node(e, "--max-staleness", "1000000000")
     time.sleep(8)  # nodes up and subscribed, the run configuration retained
     creds = sorted(str(p) for p in (dep / "credentials").glob("d*.toml"))
     ctx = mp.get_context("spawn")
@@ -242,6 +251,7 @@ def run_one(n: int, args) -> dict:
         "devices": n, "edges": args.edges, "devices_per_edge": n / args.edges, "interval_s": args.interval,
         "k": args.k, "published": sum(r["published"] for r in results), "applied": applied,
         "unacked_at_end": sum(r["unacked"] for r in results),
+        "not_applied": dict(sum((collections.Counter(r["not_applied"]) for r in results), collections.Counter())),
         "applied_per_s": round(applied / max(elapsed, 1e-9), 2), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
         "edge_cpu_ms_per_update": round(1000 * edge_cpu / max(applied, 1), 2),
         "broker_cpu_pct": round(100 * (broker1 - broker0) / max(elapsed, 1e-9), 1),
@@ -263,23 +273,24 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep each count's folder (deployment, logs)")
     args = ap.parse_args()
     print(f"{'devices':>8} {'per edge':>8} {'applied/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'edge ms/upd':>11} "
-          f"{'broker %':>8} {'unacked':>7}", flush=True)
+          f"{'broker %':>8} {'unacked':>7} {'not applied':>11}", flush=True)
     rows = []
     for n in args.devices.split(","):  # each row as soon as it is measured: a larger count may fail
         r = run_one(int(n), args)
         rows.append(r)
         print(f"{r['devices']:>8} {r['devices_per_edge']:>8.0f} {r['applied_per_s']:>9} {r['p50_ms']!s:>8} "
-              f"{r['p99_ms']!s:>8} {r['edge_cpu_ms_per_update']:>11} {r['broker_cpu_pct']:>8} {r['unacked_at_end']:>7}",
-              flush=True)
+              f"{r['p99_ms']!s:>8} {r['edge_cpu_ms_per_update']:>11} {r['broker_cpu_pct']:>8} {r['unacked_at_end']:>7} "
+              f"{sum(r['not_applied'].values()):>11}", flush=True)
         if args.json:
             print(json.dumps(r), flush=True)
-    ok = [r for r in rows if r["p99_ms"] is not None and r["p99_ms"] < 1000 and r["unacked_at_end"] == 0]
+    ok = [r for r in rows if r["p99_ms"] is not None and r["p99_ms"] < 1000 and r["unacked_at_end"] == 0
+          and not r["not_applied"] and r["applied"] == r["published"]]
     if ok:
         best = max(ok, key=lambda r: r["devices_per_edge"])
         print(f"one edge process served {best['devices_per_edge']:.0f} devices at a {args.interval:g} s interval with "
               f"p99 {best['p99_ms']} ms < 1 s (largest count measured that stayed under 1 s)")
     else:
-        print("no measured count stayed under p99 1 s")
+        print("no measured count applied every update with p99 under 1 s")
     return 0
 
 
