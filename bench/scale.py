@@ -148,12 +148,15 @@ def device_worker(cred_paths: list[str], bundle: str, interval: float, duration:
         published += 1
         nxt[i] += interval
     time.sleep(min(5.0, interval))  # the last acks
-    for cl in clients:
-        cl.loop_stop()
-        cl.disconnect()
-    with lock:
+    with lock:  # report first: tearing down hundreds of clients is not part of the measurement
         out.put({"published": published, "latencies": latencies, "unacked": len(sent),
                  "not_applied": dict(not_applied)})
+    # disconnect all, then join their threads: loop_stop() alone waits out each client's 1 s select
+    # in turn (250 clients per worker took longer than the parent waits)
+    for cl in clients:
+        cl.disconnect()
+    for cl in clients:
+        cl.loop_stop()
 
 
 def run_one(n: int, args) -> dict:
