@@ -139,3 +139,34 @@ def test_a_device_drops_an_update_only_on_an_ack_its_parent_signed(tmp_path):
     mallory.publish(T.ack("edge", "d1"), keys["edge"].sign(fake))  # what the real parent sends
     agent.drain_inbound()
     assert agent.outbox.ids() == [] and agent.uplink.acked == 1
+
+
+def test_an_edge_merges_only_models_its_parent_signed(tmp_path):
+    """The edge's side of the same promise: a model on the cloud's down topic signed with a key that
+    is not the cloud's (a compromised broker or bridge) never reaches the edge's model."""
+    keys = {"cloud": signer("cloud"), "edge": signer("edge"), "d1": signer("d1")}
+    broker = MemoryBroker()
+    m = synthetic_manifest()
+    edge = Node(NodeConfig(node_id="edge", parent="cloud", job=JOB), manifest=m,
+                initial_adapter=np.zeros(SIZE, np.float32),
+                buffer=make_strategy("fedbuff", k_updates=1, max_wait_s=1e9), transport=broker.client("edge"),
+                state_dir=tmp_path / "edge", signer=keys["edge"], scheduler=make_scheduler("fixed:1000"),
+                keyring=Keyring({"cloud": keys["cloud"].public_key(), "d1": keys["d1"].public_key()}))
+    edge.start()
+    edge.run_once(timeout=0)
+
+    def model(value: float, version: int) -> bytes:
+        return encode_message(ModelMessage(
+            kind="model", sender="cloud", job=JOB, bundle_id=m.bundle_id, base_version=0, version=version,
+            num_samples=0, local_steps=0, train_loss=0.0, energy_j=0.0, is_delta=False, created_at=1.0,
+            tensors=unflatten(np.full(SIZE, value, np.float32), m.trainable)))
+
+    mallory = broker.client("mallory")
+    for forged in (model(7.0, 5), signer("cloud").sign(model(7.0, 6)), keys["d1"].sign(model(7.0, 7))):
+        mallory.publish(T.down("cloud"), forged, retain=True)
+        edge.run_once(timeout=0)
+    assert edge.version == 0 and not np.any(edge.model)
+    mallory.publish(T.down("cloud"), keys["cloud"].sign(model(0.5, 8)), retain=True)
+    edge.run_once(timeout=0)
+    assert edge.version == 1
+    np.testing.assert_allclose(edge.model, 0.5)
