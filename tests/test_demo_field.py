@@ -19,10 +19,11 @@ def test_the_demo_runs_as_a_field_deployment(tmp_path, tiny_model, tiny_data):
     out = tmp_path / "demo"
     r = run_tomtit(["demo", "--topology", "field", "--model", str(tiny_model), "--data", str(tiny_data),
                     "--devices", "2", "--edges", "1", "--max-len", "16", "--max-minutes", "0.75",
-                    "--target-accuracy", "0.99", "--out", str(out)], timeout=400)
+                    "--target-accuracy", "0.99", "--out", str(out), "--json"], timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "field topology: 2 Mosquitto brokers" in r.stdout
+    assert "field topology: 2 Mosquitto brokers" in r.stderr  # --json: progress on stderr...
     summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(r.stdout) == summary  # ...and stdout is the summary alone
     assert summary["cloud"]["updates_accepted"] >= 1  # the edge's pushes crossed the bridge
     assert summary["edges"]["edge0"]["pushes_up"] >= 1
     assert all(d["syncs"] >= 1 for d in summary["devices"].values())

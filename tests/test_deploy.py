@@ -441,3 +441,15 @@ def test_edge_brokers_bridge_to_the_cloud(tmp_path):
         finally:
             cloud.close()
             e0.close()
+
+
+def test_an_edge_of_three_or_more_devices_is_told_to_use_a_trimmed_mean(tmp_path):
+    # the field's safe default (README: "A device that poisons"): the hint in each credential file
+    rc, _, err = deploy("--out", str(tmp_path / "dep"), "--devices", "8", "--edges", "2")
+    assert rc == 0, err
+    creds = tmp_path / "dep" / "credentials"
+    assert "--strategy trimmed --k 4" in (creds / "e0.toml").read_text()
+    assert "--strategy" not in (creds / "cloud.toml").read_text()
+    rc, _, err = deploy("--out", str(tmp_path / "small"), "--devices", "4", "--edges", "2")  # 2 per edge
+    assert rc == 0, err
+    assert "--strategy" not in (tmp_path / "small" / "credentials" / "e0.toml").read_text()

@@ -7,6 +7,8 @@ Every process is the same `tomtit` command a field deployment runs; logs go to O
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import signal
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     bundle, split = out / "bundle", out / "split"
-    say = print
+    # --json: stdout carries only the summary (a script can parse it); progress goes to stderr
+    say = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     if not (bundle / "manifest.json").is_file():
         say(f"[1/4] exporting {args.model} + LoRA for {args.data} -> {bundle}")
@@ -84,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         from tomtit.cli import main as tomtit_main
 
         say(f"[2/4] splitting {args.data} over {args.devices} devices (Dirichlet alpha={args.alpha})")
-        rc = tomtit_main(["data", "split", "--data", args.data, "--devices", str(args.devices), "--alpha",
-                          str(args.alpha), "--seed", "0", "--test-fraction", "0.2", "--out", str(split), "--force"])
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):  # its per-file lines
+            rc = tomtit_main(["data", "split", "--data", args.data, "--devices", str(args.devices), "--alpha",
+                              str(args.alpha), "--seed", "0", "--test-fraction", "0.2", "--out", str(split),
+                              "--force"])
         if rc:
             return rc
     else:

@@ -28,6 +28,9 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-staleness", type=int, help="reject updates more than this many versions old")
     r.add_argument("--server-lr", type=float)
     r.add_argument("--max-norm", type=float, default=100.0, help="reject child deltas with a larger L2 norm")
+    r.add_argument("--clip-norm", type=float,
+                   help="clip each child delta to this L2 norm before aggregating (default: off); against a "
+                        "poisoning device, ~2x the largest honest norm (README: Deploying to the field)")
     r.add_argument("--scheduler", help="edge: marginal | fixed:K2 | adaptive (default: the run's edge scheduler)")
     r.add_argument("--device-scheduler", default=DEVICE_SCHEDULER,
                    help=f"cloud: the run's device scheduler (published; default {DEVICE_SCHEDULER})")
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("run configuration from the cloud: edge scheduler %s, K=%d, codec %s", run_config.edge_scheduler,
                  run_config.k_updates, run_config.up_codec)
     explicit = {k: v for k, v in {"k_updates": args.k, "max_wait_s": args.max_wait, "server_lr": args.server_lr,
-                                  "max_staleness": args.max_staleness}.items() if v is not None}
+                                  "max_staleness": args.max_staleness, "clip_norm": args.clip_norm}.items()
+                if v is not None}
     if args.strategy == "fedavg":
         opts = explicit  # synchronous rounds: K = the children, no discount, whatever the run says
     else:

@@ -225,4 +225,10 @@ def _run_hint(p: Identity, job: str) -> str:
     # the file supplies broker, login, CA, keys and --id/--parent/--job
     if p.role == "device":
         return f"use: tomtit device run --credentials {p.id}.toml --bundle B --data F"
+    if p.role == "edge" and len(p.children) >= 3:
+        # In the field a credentialed device may be compromised: a trimmed mean withstood a sign-flip
+        # and a x30 device at no cost to an honest run (bench/poison.py; README, Deploying to the field)
+        # (K = min(5, children): with 4 children the mean of the middle 2 of 4, as studied)
+        k = min(5, len(p.children))
+        return f"use: tomtit node run --credentials {p.id}.toml --bundle B --strategy trimmed --k {k}"
     return f"use: tomtit node run --credentials {p.id}.toml --bundle B"
