@@ -395,6 +395,10 @@ def _trimmed_combiner(deltas: list[np.ndarray], steps: np.ndarray, weights: np.n
     _check_trim_fraction("trim_fraction", trim_fraction)
     n = len(deltas)
     k = _trim_count(trim_fraction, n)
+    if k == 0 and trim_fraction > 0 and n >= 3:
+        # A buffer flushed by its timer holds fewer than K updates, where floor(fraction x n) can be
+        # 0: a poisoned update would then pass untrimmed. Trimming asked for means at least one.
+        k = 1
     if n - 2 * k < 1:
         raise AggregationError(
             f"trim_fraction {trim_fraction} trims {k} of {n} updates from each end; nothing would remain")

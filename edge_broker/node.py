@@ -265,7 +265,7 @@ class Node:
         sign = self.signer.sign if self.signer is not None else (lambda payload: payload)
         for child, acks in self._acks_out.items():
             topic = self.topics.ack(self.cfg.node_id, child)
-            if len(acks) == 1:  # the single-ack form: children older than ack batches read it too
+            if len(acks) == 1:  # the single-ack form (children read both forms)
                 self._publish(topic, sign(encode_ack(acks[0])))
                 continue
             for i in range(0, len(acks), MAX_ACKS_PER_MESSAGE):

@@ -15,7 +15,8 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["tomtit.wire", "tomtit.signing"]):
+# atheris matches top-level packages: this instruments tomtit (wire, signing) and edge_broker (the hint)
+with atheris.instrument_imports(include=["tomtit", "edge_broker"]):
     import numpy as np
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 

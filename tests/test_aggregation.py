@@ -611,3 +611,11 @@ def test_merge_parent_model_refuses_mismatch_and_nan():
         merge_parent_model(ok, ok, np.zeros(4, np.float32))
     with pytest.raises(AggregationError, match="non-finite"):
         merge_parent_model(ok, np.array([0, np.nan, 0], np.float32), ok)
+
+
+def test_a_trimmed_buffer_flushed_early_still_trims_the_extremes():
+    # K = 4 trims 1/4 from each end; a timer flush of 3 updates must not let the extreme through
+    # (floor(0.25 x 3) = 0 would have averaged a poisoned 1000 in)
+    np.testing.assert_allclose(trimmed_mean([upd([1000.0]), upd([1.0]), upd([2.0])], 0.25), [2.0])
+    np.testing.assert_allclose(trimmed_mean([upd([1000.0]), upd([1.0])], 0.25), [500.5])  # 2: nothing to keep
+    np.testing.assert_allclose(trimmed_mean([upd([1000.0]), upd([1.0]), upd([2.0])], 0.0), [1003.0 / 3])

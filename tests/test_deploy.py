@@ -369,23 +369,30 @@ def test_an_edge_publishes_only_as_itself_one_tier_up(connect):
     cloud, e0, e1, d02 = connect("cloud"), connect("e0"), connect("e1"), connect("d02")
     cloud.subscribe(topic("up_filter", "cloud"))
     d02.subscribe(topic("down", "e1"))
+    e1.subscribe(topic("down", "cloud"))
+    # each forgery and its marker come from the same client, so they arrive in publish order
     e0.publish(topic("up", "cloud", "e1"), b"forged: e0 as e1")
     e0.publish(topic("down", "e1"), b"forged: e0 as e1's model")
     e0.publish(topic("down", "cloud"), b"forged: e0 as the cloud's model")
     e0.publish(topic("up", "cloud", "e0"), b"legit e0 push")
-    e1.publish(topic("down", "e1"), b"e1 model")
     assert cloud.until(topic("up", "cloud", "e0"), b"legit e0 push") == [(topic("up", "cloud", "e0"), b"legit e0 push")]
+    # e0's forgeries were published before its push arrived; now the real owners publish
+    e1.publish(topic("down", "e1"), b"e1 model")
+    cloud.publish(topic("down", "cloud"), b"cloud model")
     assert d02.until(topic("down", "e1"), b"e1 model") == [(topic("down", "e1"), b"e1 model")]
+    assert e1.until(topic("down", "cloud"), b"cloud model") == [(topic("down", "cloud"), b"cloud model")]
 
 
 @pytest.mark.mosquitto
 def test_a_device_reads_only_its_own_acks_and_its_parents_model(connect):
-    e0, e1, d01 = connect("e0"), connect("e1"), connect("d01")
+    e0, e1, d01, d02 = connect("e0"), connect("e1"), connect("d01"), connect("d02")
     for t in (topic("ack", "e0", "d00"), topic("down", "e1"), topic("ack", "e0", "d01")):
         d01.subscribe(t)  # the first two are not granted: nothing may arrive from them
-    e0.publish(topic("ack", "e0", "d00"), b"d00's ack")
+    d02.subscribe(topic("down", "e1"))
     e1.publish(topic("down", "e1"), b"another edge's model")
-    e0.publish(topic("ack", "e0", "d01"), b"d01's ack")
+    assert d02.until(topic("down", "e1"), b"another edge's model")  # delivered where it is granted
+    e0.publish(topic("ack", "e0", "d00"), b"d00's ack")
+    e0.publish(topic("ack", "e0", "d01"), b"d01's ack")  # same client: after d00's ack
     assert d01.until(topic("ack", "e0", "d01"), b"d01's ack") == [(topic("ack", "e0", "d01"), b"d01's ack")]
 
 

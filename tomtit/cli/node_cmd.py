@@ -31,7 +31,8 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--clip-norm", type=float,
                    help="clip each child delta to this L2 norm before aggregating (default: off); against a "
                         "poisoning device, ~2x the largest honest norm (README: Deploying to the field)")
-    r.add_argument("--scheduler", help="edge: marginal | fixed:K2 | adaptive (default: the run's edge scheduler)")
+    r.add_argument("--scheduler", help=f"edge: {EDGE_SCHEDULER} | marginal (tau_min 5, slower at an edge) | fixed:K2 "
+                                       f"| adaptive (default: the run's edge scheduler)")
     r.add_argument("--device-scheduler", default=DEVICE_SCHEDULER,
                    help=f"cloud: the run's device scheduler (published; default {DEVICE_SCHEDULER})")
     r.add_argument("--edge-scheduler", default=EDGE_SCHEDULER,
