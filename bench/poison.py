@@ -18,6 +18,7 @@ ATTACK is none | flip | scale:F. The defaults are the study in README "Deploying
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import sys
@@ -79,7 +80,7 @@ def main() -> int:
 
     from tomtit.sim.config import Event, load_profiles, load_scenario
     from tomtit.sim.methods import OURS
-    from tomtit.sim.runner import Pool, _cached_central, build_world, central_reference
+    from tomtit.sim.runner import Pool, cached_central, build_world, central_reference
 
     profiles = load_profiles()
     cases = [parse_case(c) for c in args.cases.split(",") if c.strip()]
@@ -94,7 +95,7 @@ def main() -> int:
         world = build_world(args.bundle, args.data, test_fraction=base.test_fraction, eval_examples=base.eval_examples)
         return central_reference(world, base)
 
-    central = _cached_central(args.bundle, args.data, base, reference)
+    central = cached_central(args.bundle, args.data, base, reference)
     target = round(base.target_fraction * central["best_accuracy"], 4)
     print(f"target {target} (0.95 x centralised {central['best_accuracy']:.4f}); poisoned: {args.device} of "
           f"{base.devices}; {len(cases)} cases x {args.seeds} seed(s)", file=sys.stderr)
@@ -110,12 +111,10 @@ def main() -> int:
         pool.close()
 
     rows = []
-    for sc, seed, r in zip((t[0] for t in tasks), (t[2] for t in tasks), runs):
+    for (sc, _, seed, _, _), r in zip(tasks, runs):
         poisoned = next(d for d in r["devices"] if d["id"] == args.device)
-        rejected: dict[str, int] = {}
-        for per_node in r["rejected"].values():
-            for reason, n in per_node.items():
-                rejected[reason] = rejected.get(reason, 0) + n
+        rejected = dict(sum((collections.Counter(per_node) for per_node in r["rejected"].values()),
+                            collections.Counter()))
         rows.append({"case": sc.name, "seed": seed, "reached": r["reached"], "time_to_target_s": r["time_to_target_s"],
                      "best_accuracy": r["best_accuracy"], "final_accuracy": r["final_accuracy"],
                      "poisoned_syncs": poisoned["syncs"], "rejected": rejected, "real_steps": r["real_steps"],

@@ -36,7 +36,7 @@ from device_runtime.adapter import flatten, unflatten
 from device_runtime.scheduler import SyncScheduler
 from tomtit.manifest import Manifest
 from tomtit.outbox import Outbox, send_due
-from tomtit.signing import Keyring, Signer, is_signed, strip_unverified
+from tomtit.signing import Keyring, Signer, strip_unverified
 from tomtit.transport import Transport
 from tomtit.wire import (
     MAX_ENERGY_J,
@@ -145,14 +145,17 @@ class Uplink:
         transport.subscribe(self.down_topic, qos=1)
         transport.subscribe(self.ack_topic, qos=1)
 
+    def _from_parent(self, payload: bytes) -> bytes:
+        """The message inside what our parent signed (WireError "signature" otherwise); without
+        keys configured we cannot check a signature, so an envelope is only taken off."""
+        if self.keyring is not None:
+            return self.keyring.verify(payload, expect_signer=self.cfg.parent)
+        return strip_unverified(payload)
+
     # -- the parent's model ----------------------------------------------------------------
     def decode_model(self, payload: bytes) -> ParentModel:
         """Validate a parent model message (raises WireError with the reason)."""
-        if self.keyring is not None:
-            payload = self.keyring.verify(payload, expect_signer=self.cfg.parent)
-        elif is_signed(payload):
-            payload = strip_unverified(payload)  # no keys configured: we cannot check it, as before
-        msg = decode_message(payload, expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
+        msg = decode_message(self._from_parent(payload), expected=self.manifest.trainable, bundle_id=self.manifest.bundle_id,
                              max_bytes=self.cfg.max_model_bytes, expect_kind="model", expect_job=self.cfg.job)
         if msg.is_delta:  # adopting a delta as the model would replace our model with a difference
             raise WireError("not_full", "a parent model must carry full adapter values (is_delta=false)")
@@ -220,12 +223,8 @@ class Uplink:
 
     def on_acks(self, payload: bytes) -> list[Ack]:
         """Drop acknowledged updates from the outbox; returns the acks that were news."""
-        if self.keyring is not None:  # only our parent's acks: a forged one would lose an update
-            payload = self.keyring.verify(payload, expect_signer=self.cfg.parent)
-        elif is_signed(payload):
-            payload = strip_unverified(payload)  # no keys configured: we cannot check it
         news = []
-        for ack in decode_acks(payload):
+        for ack in decode_acks(self._from_parent(payload)):  # a forged ack would lose an update
             if not self.outbox.ack(ack.update_id):
                 continue  # already acknowledged (a re-send's second ack)
             news.append(ack)

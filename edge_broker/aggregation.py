@@ -187,7 +187,8 @@ def coordinate_median(updates: Sequence[ChildUpdate], *, clip_norm: float | None
 
 def trimmed_mean(updates: Sequence[ChildUpdate], trim_fraction: float, *,
                  clip_norm: float | None = None) -> np.ndarray:
-    """Per coordinate, drop the ``floor(trim_fraction * n)`` lowest and highest values, average the rest.
+    """Per coordinate, drop the ``floor(trim_fraction * n)`` lowest and highest values (at least one
+    each when ``trim_fraction > 0`` and n >= 3), average the rest.
 
     Unweighted, like the median, and for the same reason. Raises if nothing would remain.
     """

@@ -155,7 +155,7 @@ class Pool:
 # The comparison
 
 
-def _cached_central(bundle: str, data: str, sc: Scenario, compute: Callable[[], dict]) -> dict:
+def cached_central(bundle: str, data: str, sc: Scenario, compute: Callable[[], dict]) -> dict:
     """The centralised reference depends on the bundle, data and training knobs only: computed once
     and kept beside the bundle, so a run per scenario does not pay for it again."""
     import hashlib
@@ -214,7 +214,7 @@ def simulate(scenarios: list[Scenario], *, bundle: str, data: str, out: Path, se
                                                             eval_examples=first.eval_examples)
             return central_reference(world, first)
 
-        central = _cached_central(bundle, data, first, reference)
+        central = cached_central(bundle, data, first, reference)
         progress(f"centralised reference: best held-out accuracy {central['best_accuracy']:.4f} "
                  f"in {central['steps']} steps")
         seed_list = list(range(seeds))
