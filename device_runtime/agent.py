@@ -73,6 +73,9 @@ class DeviceConfig:
     wait_for_model_s: float = 10.0  # at start, wait this long for the parent's retained model
     max_steps: int | None = None  # stop after this many local steps (demos, tests)
     wait_for_parent: bool = False  # synchronous rounds (FedAvg/HierFAVG baselines): idle after a sync until the parent's next model
+    board: str = ""  # emulated board profile (device_runtime.emulation); "" on the real hardware. Named in telemetry and summary
+    link: str = ""  # emulated link profile, likewise
+    timeline_points: int = 2000  # (time, step, joules, loss) samples kept for the run summary's plots
 
 
 @dataclass
@@ -87,6 +90,8 @@ class DeviceStats:
     sync_times: list[float] = field(default_factory=list)  # clock() at each sync
     reasons: list[str] = field(default_factory=list)  # the scheduler's reason for each sync
     stop_reason: str = ""
+    bytes_down: int = 0  # every payload received (models, acks, presence)
+    timeline: list[list[float]] = field(default_factory=list)  # [clock(), step, joules, loss] per telemetry point
 
 
 class DeviceAgent:
@@ -138,6 +143,7 @@ class DeviceAgent:
         self._cycle_joules = 0.0
         self._was_connected = False
         self._last_joules: float | None = None
+        self.started_at = clock()
         self._resume()
 
     # Views kept for callers and tests: the uplink owns these.
@@ -238,6 +244,7 @@ class DeviceAgent:
             msg = self.transport.get(0)
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        self.stats.bytes_down += len(payload)
         try:
             if topic == self.uplink.down_topic:
                 self._on_model(payload)
@@ -278,15 +285,30 @@ class DeviceAgent:
         self.flush_outbox()
         return size
 
+    @property
+    def energy_kind(self) -> str:
+        """measured (a hardware meter) | emulated (a board profile) | estimated (a model of this one)."""
+        if self.meter.name.startswith("emulated:"):
+            return "emulated"
+        return "estimated" if self.meter.estimated else "measured"
+
     def telemetry(self, decision, loss: float) -> None:
+        s = self.stats
+        point = [round(self.clock(), 3), s.steps, round(s.joules, 3), round(float(loss), 5)]
+        s.timeline.append(point)
+        if len(s.timeline) > self.cfg.timeline_points:
+            del s.timeline[::2]  # halve the resolution, keep the whole run's span
         if not self.transport.connected:
             return
         values = {
-            "step": self.stats.steps, "loss": float(loss), "joules": float(self.stats.joules),
+            "step": s.steps, "loss": float(loss), "joules": float(s.joules),
             "energy_estimated": bool(self.meter.estimated), "meter": self.meter.name,
-            "action": decision.action, "reason": decision.reason[:200],
+            "energy_kind": self.energy_kind, "board": self.cfg.board, "link": self.cfg.link,
+            "parent": self.cfg.parent, "action": decision.action, "reason": decision.reason[:200],
             "steps_since_sync": int(decision.steps_since_sync), "base_version": self.base_version,
-            "syncs": self.stats.syncs, "outbox": len(self.outbox),
+            "syncs": s.syncs, "outbox": len(self.outbox), "acked": self.uplink.acked,
+            "rejected": self.uplink.rejected, "last_interval": s.intervals[-1] if s.intervals else 0,
+            "last_reason": s.reasons[-1][:200] if s.reasons else "",
         }
         values.update({f"est_{k}": float(v) for k, v in decision.estimate.items()})
         self.transport.publish(self.topics.telemetry(self.cfg.device_id), encode_telemetry(values), qos=0)
@@ -394,12 +416,15 @@ class DeviceAgent:
     def summary(self) -> dict:
         s = self.stats
         return {
-            "id": self.cfg.device_id, "backend": self.trainer.backend, "stop_reason": s.stop_reason,
+            "id": self.cfg.device_id, "parent": self.cfg.parent, "backend": self.trainer.backend,
+            "stop_reason": s.stop_reason, "started_at": self.started_at,
             "steps": s.steps, "syncs": s.syncs, "acked": self.uplink.acked, "rejected": self.uplink.rejected,
             "outbox": len(self.outbox), "intervals": s.intervals[-500:], "reasons": s.reasons[-500:],
-            "joules": s.joules, "energy_estimated": self.meter.estimated, "meter": self.meter.name,
-            "bytes_up": self.uplink.bytes_up, "base_version": self.base_version, "waited_s": s.waited_s,
-            "postponed": s.postponed, "ledger": self.uplink.ledger(),
+            "sync_times": s.sync_times[-500:],
+            "joules": s.joules, "energy_estimated": self.meter.estimated, "energy_kind": self.energy_kind,
+            "meter": self.meter.name, "board": self.cfg.board, "link": self.cfg.link, "timeline": s.timeline,
+            "bytes_up": self.uplink.bytes_up, "bytes_down": s.bytes_down, "base_version": self.base_version,
+            "waited_s": s.waited_s, "postponed": s.postponed, "ledger": self.uplink.ledger(),
         }
 
     def shutdown(self) -> None:

@@ -119,6 +119,8 @@ class NodeStats:
     pushes_up: int = 0
     pushes_postponed: int = 0  # push decisions deferred while the link was still sending
     push_times: list[float] = field(default_factory=list)
+    push_intervals: list[int] = field(default_factory=list)  # absorbed updates per push cycle
+    push_reasons: list[str] = field(default_factory=list)  # the edge scheduler's reason for each push
     child_arrivals: dict = field(default_factory=lambda: defaultdict(list))  # child -> [(t, local_steps)]
     applied_ids: dict = field(default_factory=lambda: defaultdict(list))  # child -> update ids applied (this process)
     versions: list[dict] = field(default_factory=list)
@@ -574,6 +576,7 @@ class Node:
             elif decision.sync:
                 before = self._own_joules()
                 size = self.push_up(decision.steps_since_sync)
+                self.stats.push_reasons.append(decision.reason)
                 cost = before + self._own_joules() + self.cfg.link_joules_per_mb * size / 1e6
                 self.scheduler.on_synced(cost_joules=cost)
                 log.info("pushed model delta to %s (%s)", self.cfg.parent, decision.reason)
@@ -591,6 +594,7 @@ class Node:
         self._cycle_joules = 0.0
         self.stats.pushes_up += 1
         self.stats.push_times.append(round(self.clock() - self.started, 3))
+        self.stats.push_intervals.append(max(1, absorbed_updates))
         return size
 
     def flush_outbox(self) -> None:
@@ -607,6 +611,10 @@ class Node:
         if self.transport.connected:
             self._publish(self.topics.status(self.cfg.node_id), self.presence("finished"), retain=True)
 
+    @property
+    def role(self) -> str:
+        return "edge" if self.cfg.parent else "cloud"
+
     def telemetry(self, now: float) -> None:
         if now - self._last_telemetry < self.cfg.telemetry_every_s or not self.transport.connected:
             return
@@ -614,7 +622,13 @@ class Node:
         values = {"version": self.version, "accepted": self.stats.accepted, "duplicates": self.stats.duplicates,
                   "rejected": sum(self.stats.rejected.values()), "pending": self.buffer.pending,
                   "children_offline": len(self.children_seen & self.offline), "aggregations": self.stats.aggregations,
-                  "pushes_up": self.stats.pushes_up}
+                  "pushes_up": self.stats.pushes_up, "role": self.role, "parent": self.cfg.parent or ""}
+        if self.uplink is not None:
+            st = self.stats
+            values.update({"last_push_interval": st.push_intervals[-1] if st.push_intervals else 0,
+                           "last_push_reason": st.push_reasons[-1][:200] if st.push_reasons else "",
+                           "up_outbox": len(self.uplink.outbox), "up_acked": self.uplink.acked,
+                           "up_rejected": self.uplink.rejected})
         for observer in self.observers:
             values.update(observer.telemetry())
         self._publish(self.topics.telemetry(self.cfg.node_id), encode_telemetry(values), qos=0)
@@ -675,14 +689,16 @@ class Node:
     def summary(self) -> dict:
         intervals = {c: [s for _, s in arr] for c, arr in self.stats.child_arrivals.items()}
         out = {
-            "node": self.cfg.node_id, "parent": self.cfg.parent, "job": self.cfg.job,
+            "node": self.cfg.node_id, "parent": self.cfg.parent, "role": self.role, "job": self.cfg.job,
+            "started_at": self.started,
             "bundle_id": self.manifest.bundle_id, "stop_reason": self.stats.stop_reason,
             "final_version": self.version, "aggregations": self.stats.aggregations,
             "versions": self.stats.versions,
             "updates_accepted": self.stats.accepted, "duplicates": self.stats.duplicates,
             "updates_rejected": dict(self.stats.rejected), "bytes_in": self.stats.bytes_in,
             "bytes_out": self.stats.bytes_out, "pushes_up": self.stats.pushes_up, "pushes_postponed": self.stats.pushes_postponed,
-            "push_times": self.stats.push_times,
+            "push_times": self.stats.push_times, "push_intervals": self.stats.push_intervals,
+            "push_reasons": self.stats.push_reasons,
             "child_arrivals": {c: arr for c, arr in self.stats.child_arrivals.items()},
             "child_local_steps": intervals,
             "seconds": round(self.clock() - self.started, 3),

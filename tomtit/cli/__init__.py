@@ -24,6 +24,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "broker": ("tomtit.cli.broker_cmd", "run an MQTT broker (embedded or Mosquitto)"),
     "demo": ("tomtit.cli.demo_cmd", "one command: export, split, broker, cloud, edges, devices"),
     "simulate": ("tomtit.cli.simulate_cmd", "virtual-clock testbed: autonomous sync vs fixed schedules, real steps"),
+    "monitor": ("tomtit.cli.monitor_cmd", "operator: live dashboard of a running deployment (read-only MQTT)"),
+    "report": ("tomtit.cli.report_cmd", "plots, report.md and report.html from a run's summaries"),
     "deploy": ("tomtit.cli.deploy_cmd", "secured deployment: CA, Mosquitto configs and ACLs, per-identity credentials"),
 }
 

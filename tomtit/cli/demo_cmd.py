@@ -1,7 +1,9 @@
 """`tomtit demo`: the whole system on one machine, each tier its own process.
 
 export (once) -> non-IID split -> broker (embedded amqtt by default) -> cloud -> edges -> devices
--> wait until the cloud reaches the target accuracy or its time limit -> summary.
+(each an emulated board on an emulated link: `--profiles`, `--links`) -> live view until the cloud
+reaches the target accuracy or its time limit -> summary, report (plots), the final adapter in
+PEFT format, and a few held-out texts classified on the device runtime with it.
 Every process is the same `tomtit` command a field deployment runs; logs go to OUT/logs/.
 """
 from __future__ import annotations
@@ -40,7 +42,19 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-accuracy", type=float, default=0.9)
     p.add_argument("--max-minutes", type=float, default=15)
     p.add_argument("--job", default="demo")
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument("--json", action="store_true", help="print only the final summary, as JSON, on stdout "
+                                                       "(progress goes to stderr)")
+    p.add_argument("--profiles", default="pi4:2,pi5:1,orin-nano:1",
+                   help="boards the devices emulate, a pattern dealt in order (tomtit/profiles.toml: pi4, pi5, "
+                        "jetson-nano, orin-nano, x86-minipc; a unique prefix will do); 'none': no emulation, "
+                        "every device this machine as it is")
+    p.add_argument("--links", default="wifi,lte-m,wifi,ethernet",
+                   help="links the devices emulate, likewise (ethernet, wifi, lte-m, nb-iot)")
+    p.add_argument("--slowdown", type=float, default=3.0,
+                   help="emulated boards run this many times slower than real: 4 devices and 3 nodes share this "
+                        "machine, where a step takes ~0.3 s on 2 cores, slower than a Pi 5 or an Orin; energy is "
+                        "still booked in board time (each device's pace_misses says if it was not enough)")
+    p.add_argument("--plain", action="store_true", help="plain progress lines instead of the live dashboard")
 
 
 def _tomtit(args: list[str], log: Path) -> subprocess.Popen:
@@ -67,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.devices < 1 or args.edges < 1 or args.devices < args.edges:
         raise CliError("need --devices >= --edges >= 1")
+    emulation = _emulation_plan(args)  # bad profile names fail before anything starts
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -135,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
                               "--k", "2", "--children", str(args.edges), "--device-scheduler", args.scheduler, "--edge-scheduler", args.edge_scheduler,
                               "--eval-data", str(split / "test.jsonl"),
                               "--target-accuracy", str(args.target_accuracy), "--max-minutes", str(args.max_minutes),
-                              "--state-dir", str(state / "cloud"), "--summary", str(out / "cloud.json")],
+                              "--state-dir", str(state / "cloud"), "--summary", str(out / "cloud.json"),
+                              "--save-model", str(out / "final-adapter.safetensors")],
                              logs / "cloud.log")
     for e in range(args.edges):
         procs[f"edge{e}"] = _tomtit(["node", "run", "--id", f"edge{e}", "--parent", "cloud", *common(f"edge{e}"),
@@ -147,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         name = f"dev{d:0{width}d}"
         procs[name] = _tomtit(["device", "run", "--id", name, "--parent", f"edge{d // per_edge}", *common(name),
                                "--data", str(split / f"device-{d:0{width}d}.jsonl"),
-                               "--lr", str(args.lr), "--state-dir", str(state / name),
+                               "--lr", str(args.lr), "--state-dir", str(state / name), *emulation[d],
                                "--summary", str(out / f"{name}.json")], logs / f"{name}.log")
     say(f"[4/4] running cloud + {args.edges} edges + {args.devices} devices "
         f"(target accuracy {args.target_accuracy}, at most {args.max_minutes} min); Ctrl-C stops everything")
@@ -172,7 +188,29 @@ def run(args: argparse.Namespace) -> int:
         _stop(broker_procs)
         if mosquitto is not None:
             mosquitto.stop()
-    return _report(out, args, say)
+    rc = _report(out, args, say)
+    if rc == 0:
+        _finale(out, bundle, split, args, say)
+    return rc
+
+
+def _emulation_plan(args: argparse.Namespace) -> list[list[str]]:
+    """Per device, the `device run` flags of its emulated board and link ([] without emulation)."""
+    from tomtit.cli import CliError
+    from tomtit.profiles import ProfileError, load_profiles, parse_mix
+
+    if args.profiles.strip().lower() == "none":
+        return [[] for _ in range(args.devices)]
+    profiles = load_profiles()
+    try:
+        boards = parse_mix(args.profiles, profiles.boards, "--profiles")
+        links = parse_mix(args.links, profiles.links, "--links")
+    except ProfileError as e:
+        raise CliError(str(e)) from None
+    if not 1 <= args.slowdown <= 1000:
+        raise CliError(f"--slowdown must be in [1, 1000], not {args.slowdown}")
+    return [["--board", boards[d % len(boards)], "--link", links[d % len(links)], "--slowdown", str(args.slowdown)]
+            for d in range(args.devices)]
 
 
 def _field_brokers(out: Path, args: argparse.Namespace, broker_procs: dict, creds: dict, logs: Path, say) -> str:
@@ -239,14 +277,19 @@ def _report(out: Path, args: argparse.Namespace, say) -> int:
     summary["devices"] = {}
     for f in sorted(out.glob("dev*.json")):
         d = json.loads(f.read_text())
-        iv = d["intervals"]
-        summary["devices"][d["id"]] = {"steps": d["steps"], "syncs": d["syncs"], "joules": round(d["joules"], 1),
-                                       "energy_estimated": d["energy_estimated"],
-                                       "mean_interval": round(sum(iv) / len(iv), 1) if iv else None}
+        iv, times = d["intervals"], d.get("sync_times", [])
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        summary["devices"][d["id"]] = {
+            "board": d.get("board") or None, "link": d.get("link") or None,
+            "energy_kind": d.get("energy_kind", "estimated" if d["energy_estimated"] else "measured"),
+            "steps": d["steps"], "syncs": d["syncs"], "joules": round(d["joules"], 1),
+            "energy_estimated": d["energy_estimated"],
+            "mean_interval": round(sum(iv) / len(iv), 1) if iv else None,  # steps per sync cycle
+            "mean_interval_s": round(sum(gaps) / len(gaps), 1) if gaps else None,  # wall seconds between syncs
+            "pace_misses": d.get("pace_misses")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.json:
-        print(json.dumps(summary))
-        return 0
+        return 0  # printed after the finale, which adds the report and the adapter's paths
     c = summary["cloud"]
     say(f"\ncloud: {c['stop_reason']}; accuracy {c['accuracy_start']:.3f} (untrained head) -> "
         f"{c['accuracy_best']:.3f} in {c['seconds']:.0f} s, {c['final_version']} global versions, "
@@ -254,7 +297,69 @@ def _report(out: Path, args: argparse.Namespace, say) -> int:
     for name, e in summary["edges"].items():
         say(f"{name}: pushed upward {e['pushes_up']} times, at {e['push_times_s'][:8]} s ...")
     for name, d in summary["devices"].items():
-        say(f"{name}: {d['steps']} steps, {d['syncs']} syncs (mean interval {d['mean_interval']} steps, chosen by "
-            f"its own scheduler), {d['joules']} J{' (estimated)' if d['energy_estimated'] else ''}")
+        who = f"{d['board']} on {d['link']}" if d["board"] else "this machine"
+        secs = f", every {d['mean_interval_s']} s" if d["mean_interval_s"] is not None else ""
+        say(f"{name} ({who}): {d['steps']} steps, {d['syncs']} syncs (mean interval {d['mean_interval']} steps"
+            f"{secs}, chosen by its own scheduler), {d['joules']} J {d['energy_kind']}")
     say(f"summary -> {out / 'summary.json'}")
     return 0
+
+
+def _finale(out: Path, bundle: Path, split: Path, args: argparse.Namespace, say) -> None:
+    """The report, the final adapter as a PEFT folder, and a few held-out texts classified with it
+    on the device runtime (its own process: what a board runs, no torch)."""
+    from tomtit.cli import CliError
+
+    summary = json.loads((out / "summary.json").read_text())
+    try:
+        from tomtit.run_report import write_run_report
+
+        html = write_run_report(out)
+        summary["report"] = str(html)
+        say(f"report -> {html} (plots and report.md next to it)")
+    except (CliError, OSError, ImportError) as e:
+        say(f"no report: {e}")
+    adapter = out / "final-adapter.safetensors"
+    if adapter.is_file():
+        summary["final_adapter"] = str(adapter)
+        try:
+            from export.peft_io import export_peft
+
+            summary["peft_adapter"] = str(export_peft(bundle, out / "final-adapter-peft", adapter=adapter, force=True))
+            say(f"final adapter -> {adapter}; as a Hugging Face PEFT folder -> {summary['peft_adapter']}")
+        except Exception as e:  # noqa: BLE001 - the run's results stand without the PEFT copy; say why
+            say(f"final adapter -> {adapter} (PEFT export failed: {e})")
+        summary["inference"] = _classify_held_out(bundle, adapter, split / "test.jsonl", say)
+    else:
+        say(f"no final adapter (the cloud did not write {adapter}); see {out / 'logs' / 'cloud.log'}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+
+
+def _classify_held_out(bundle: Path, adapter: Path, test_file: Path, say, per_label: int = 1) -> list[dict]:
+    """`tomtit infer` with the final adapter on one held-out text per label, printed as a table."""
+    from tomtit.data import load_dataset
+
+    data = load_dataset(str(test_file))
+    examples, seen = [], set()
+    for text, label in zip(data.texts, data.labels):
+        if label not in seen:
+            seen.add(label)
+            examples.append((text, label))
+    examples = examples[:6]
+    r = subprocess.run([sys.executable, "-m", "tomtit", "infer", "--bundle", str(bundle), "--adapter", str(adapter),
+                        "--json", *[text for text, _ in examples]], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    if r.returncode != 0:
+        say(f"on-device inference failed: {r.stderr.strip()[-500:]}")
+        return []
+    rows = []
+    say("\non-device inference with the final adapter (device_runtime only), held-out texts:")
+    say(f"  {'true':>14}  {'predicted':>14}  {'p':>4}  text")
+    for (text, label), p in zip(examples, json.loads(r.stdout)):
+        prob = p["probabilities"][p["label"]]
+        mark = " " if p["label"] == label else "x"  # x: a wrong answer, shown as such
+        say(f"{mark} {label:>14}  {p['label']:>14}  {prob:4.2f}  {' '.join(text.split())[:60]}")
+        rows.append({"text": text[:200], "label": label, "predicted": p["label"], "probability": round(prob, 4)})
+    return rows

@@ -22,6 +22,17 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--scheduler", help="marginal | fixed:10 | adaptive (options: marginal:tau_max=40); "
                                        "default: the run's, from the cloud")
     r.add_argument("--energy", default="auto", help="auto | rapl | ina3221 | pi5-pmic | battery | model:PROFILE")
+    r.add_argument("--board", help="emulate a board from tomtit/profiles.toml (pi4, pi5, jetson-nano, orin-nano, "
+                                   "x86-minipc): steps paced to its step time, energy from its watts, labelled "
+                                   "emulated:BOARD (demos and testbeds on one machine; never on the real board)")
+    r.add_argument("--link", help="with --board: emulate a link too (ethernet, wifi, lte-m, nb-iot): sends wait "
+                                  "for its airtime, its J/MB are metered (default: ethernet)")
+    r.add_argument("--reference-step", type=float, default=None,
+                   help="with --board: seconds of one batch-8 x 32-token step on the reference core that "
+                        "profiles.toml's step factors are relative to (default 0.065)")
+    r.add_argument("--slowdown", type=float, default=None,
+                   help="with --board: run the emulated board F times slower than real (steps and airtime F x "
+                        "longer; energy still in board time) when this machine is too loaded to keep its pace")
     r.add_argument("--codec", choices=["f32", "f16", "int8"], help="update encoding (default: the run's; f16 with an explicit --scheduler)")
     r.add_argument("--config-timeout", type=float, default=120.0,
                    help="seconds to wait for the run configuration the cloud publishes")
@@ -62,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
     bundle, backend = open_training_bundle(args.bundle, args.backend)
     m = bundle.manifest
     data = encode_dataset(load_dataset(args.data), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
-    meter = detect_meter(args.energy)
+    emulated = _emulated_board(args, m.max_length)
+    meter = emulated.meter if emulated else detect_meter(args.energy)
     trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr), backend)
+    if emulated:
+        trainer = emulated.pace(trainer)
     if args.scheduler:
         make_scheduler(args.scheduler)  # a bad spec fails now, before the broker
     state_dir = args.state_dir or Path("state") / args.job / args.id
@@ -82,12 +96,21 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"no run configuration on {topics.run()} within {args.config_timeout:g} s: start the "
                            f"cloud node of job {args.job!r}, or give --scheduler (and --codec)")
         spec, codec = spec or run_config.device_scheduler, codec or run_config.up_codec
+    if emulated:  # after the run configuration: the radio only slows what the device itself sends
+        transport = emulated.radio(transport)
     scheduler = make_scheduler(spec)
     config = DeviceConfig(device_id=args.id, parent=args.parent, job=args.job, codec=codec,
-                          resend_after_s=args.resend_after, link_joules_per_mb=args.link_j_per_mb,
-                          max_steps=args.max_steps)
+                          resend_after_s=args.resend_after,
+                          # an emulated link meters its own joules per MB: adding them again would count twice
+                          link_joules_per_mb=0.0 if emulated else args.link_j_per_mb,
+                          max_steps=args.max_steps, board=emulated.board.name if emulated else "",
+                          link=emulated.link.name if emulated else "")
     log.info("device %s: %d examples, %s backend, meter %s%s, scheduler %s, parent %s", args.id, len(data),
              trainer.backend, meter.name, " (estimated)" if meter.estimated else "", scheduler.describe(), args.parent)
+    if emulated:
+        log.info("emulating %s (%.3f s/step, %g/%g W busy/idle) on %s (%g Mbit/s up, %g J/MB up), %gx slower than real",
+                 emulated.board.name, emulated.step_s, emulated.board.busy_w, emulated.board.idle_w,
+                 emulated.link.name, emulated.link.up_mbps, emulated.link.j_per_mb_up, emulated.slowdown)
     agent = DeviceAgent(config, manifest=m, trainer=trainer, batches=BatchStream(data, args.batch, seed=args.seed),
                         num_samples=len(data), meter=meter, scheduler=scheduler, transport=transport,
                         state_dir=state_dir, signer=signer, keyring=keyring)
@@ -98,5 +121,42 @@ def run(args: argparse.Namespace) -> int:
     log.info("stopped (%s): %d steps, %d syncs, %d acked, %d rejected, %d in outbox",
              stats.stop_reason, stats.steps, stats.syncs, agent.uplink.acked, agent.uplink.rejected, len(agent.outbox))
     if args.summary:
-        args.summary.write_text(json.dumps(agent.summary(), indent=2))
+        summary = agent.summary()
+        if emulated:
+            summary.update(board_step_s=emulated.step_s, slowdown=emulated.slowdown, pace_misses=trainer.pace_misses,
+                           link_bytes_up=transport.bytes_up, link_bytes_down=transport.bytes_down)
+            if trainer.steps and trainer.pace_misses > trainer.steps // 10:
+                log.warning("%d of %d steps took longer here than %.3f s (a %s's step x slowdown %g): this "
+                            "machine is too loaded to emulate it faithfully; raise --slowdown", trainer.pace_misses,
+                            trainer.steps, trainer.wall_step_s, emulated.board.name, emulated.slowdown)
+        args.summary.write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def _emulated_board(args: argparse.Namespace, max_length: int):
+    """The EmulatedBoard for --board/--link, or None; bad names fail before the broker."""
+    from tomtit.cli import CliError
+
+    if args.board is None:
+        if args.link is not None or args.reference_step is not None or args.slowdown is not None:
+            raise CliError("--link, --reference-step and --slowdown emulate a board: give --board too")
+        return None
+    if args.energy != "auto":
+        raise CliError(f"--board meters the emulated board's energy; --energy {args.energy} contradicts it")
+    from device_runtime.emulation import REFERENCE_STEP_S, EmulatedBoard
+    from tomtit.profiles import ProfileError, load_profiles, resolve_name
+
+    profiles = load_profiles()
+    try:
+        board = profiles.boards[resolve_name(args.board, profiles.boards, "--board")]
+        link = profiles.links[resolve_name(args.link or "ethernet", profiles.links, "--link")]
+    except ProfileError as e:
+        raise CliError(str(e)) from None
+    ref = REFERENCE_STEP_S if args.reference_step is None else args.reference_step
+    if not (0 < ref < 60):
+        raise CliError(f"--reference-step must be a number of seconds in (0, 60), not {ref}")
+    slowdown = 1.0 if args.slowdown is None else args.slowdown
+    if not 1 <= slowdown <= 1000:
+        raise CliError(f"--slowdown must be in [1, 1000], not {slowdown}")
+    return EmulatedBoard.create(board, link, batch=args.batch, max_length=max_length, reference_step_s=ref,
+                                slowdown=slowdown)

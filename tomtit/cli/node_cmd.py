@@ -47,6 +47,8 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-minutes", type=float)
     r.add_argument("--state-dir", type=Path, help="checkpoints and outbox (default: ./state/JOB/ID)")
     r.add_argument("--summary", type=Path, help="write the run summary JSON here when stopping")
+    r.add_argument("--save-model", type=Path, help="write this node's final model here when stopping (an adapter "
+                                                   "file: `tomtit infer --adapter`, `tomtit peft export --adapter`)")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--energy", default="auto", help="edge: its own energy meter (auto | rapl | ina3221 | model:PROFILE)")
 
@@ -146,5 +148,9 @@ def run(args: argparse.Namespace) -> int:
         transport.close()
         if args.summary:
             args.summary.write_text(json.dumps(node.summary(), indent=2))
+        if args.save_model:
+            from device_runtime.adapter import save_adapter
+
+            save_adapter(args.save_model, node.model, m, version=str(node.version), node=args.id, job=args.job)
     log.info("stopped (%s) at version %d", node.stats.stop_reason, node.version)
     return 0
