@@ -609,6 +609,8 @@ class Node:
         self.stats.stop_reason = reason
         log.info("finishing: %s", reason)
         if self.transport.connected:
+            self._last_telemetry = -float("inf")  # a last report: the final model's numbers, for monitors
+            self.telemetry(self.clock())
             self._publish(self.topics.status(self.cfg.node_id), self.presence("finished"), retain=True)
 
     @property

@@ -27,6 +27,13 @@ def test_the_demo_runs_as_a_field_deployment(tmp_path, tiny_model, tiny_data):
     assert summary["cloud"]["updates_accepted"] >= 1  # the edge's pushes crossed the bridge
     assert summary["edges"]["edge0"]["pushes_up"] >= 1
     assert all(d["syncs"] >= 1 for d in summary["devices"].values())
+    # the default demo: emulated boards on emulated links, named and metered as such
+    assert [(d["board"], d["link"], d["energy_kind"]) for d in summary["devices"].values()] == [
+        ("pi4", "wifi", "emulated"), ("pi4", "lte-m", "emulated")]
+    # ...and it ends with a report, the final adapter as PEFT, and held-out texts classified with it
+    assert (out / "report.html").is_file() and (out / "sync_intervals.png").is_file()
+    assert (out / "final-adapter-peft" / "adapter_config.json").is_file()
+    assert summary["inference"] and all(row["predicted"] for row in summary["inference"])
     import tomllib
 
     def broker_of(ident: str) -> str:

@@ -132,6 +132,13 @@ def test_tiny_simulation_writes_its_folder_and_is_deterministic(tmp_path, tiny_b
     assert sum(d["idle_j"] for d in hier["devices"]) > 0  # synchronous rounds wait, and waiting costs idle power
     assert sum(d["idle_j"] for d in ours["devices"]) == pytest.approx(0, abs=5.0)  # asynchronous: only the start
 
+    # `tomtit report` on a real simulate output: a self-contained page embedding every plot
+    from tomtit.cli import main
+
+    assert main(["report", str(outs[0])]) == 0
+    page = (outs[0] / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list(outs[0].glob("tiny/*.png"))) == 4
+
 
 
 def test_paced_evaluation_scores_a_held_model_at_its_own_publish_time():

@@ -137,6 +137,7 @@ def device_blocks(devices: tuple[DeviceRun, ...], notes: list[str]) -> list[Bloc
                ("energy", lambda d: d.energy_kind or UNKNOWN),
                ("steps", lambda d: _num(d.steps)), ("syncs", lambda d: _num(d.syncs)),
                ("mean sync interval (steps)", lambda d: _num(d.mean_interval, 1)),
+               ("mean sync interval (s)", lambda d: _num(d.mean_interval_s, 1)),
                ("energy (J)", lambda d: _num(d.joules, 1)),
                ("acked / rejected", lambda d: f"{_num(d.acked)} / {_num(d.rejected)}")]
     # A column no summary fills (all older producers) is dropped, and the notes say so.

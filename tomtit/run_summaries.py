@@ -42,6 +42,12 @@ class DeviceRun:
     def mean_interval(self) -> float | None:
         return sum(self.intervals) / len(self.intervals) if self.intervals else None
 
+    @property
+    def mean_interval_s(self) -> float | None:
+        """Mean wall seconds between two syncs (None with fewer than two)."""
+        t = self.sync_times
+        return (t[-1] - t[0]) / (len(t) - 1) if t and len(t) >= 2 else None
+
 
 @dataclass(frozen=True)
 class NodeRun:

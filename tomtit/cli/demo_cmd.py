@@ -63,10 +63,10 @@ def _tomtit(args: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _stop(procs: dict[str, subprocess.Popen], timeout: float = 20) -> None:
+def _stop(procs: dict[str, subprocess.Popen], timeout: float = 20, sig: int = signal.SIGTERM) -> None:
     for p in procs.values():
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
     deadline = time.monotonic() + timeout
     for p in procs.values():
         try:
@@ -169,21 +169,25 @@ def run(args: argparse.Namespace) -> int:
         f"(target accuracy {args.target_accuracy}, at most {args.max_minutes} min); Ctrl-C stops everything")
     t0 = time.monotonic()
     shown = 0
+    monitor = _start_monitor(args, ["--credentials", str(creds["cloud"])] if creds else ["--broker", url, "--job", args.job])
+    quiet = (lambda *a, **k: None) if monitor else say  # the dashboard owns the terminal while it runs
     try:
         while procs["cloud"].poll() is None:
             time.sleep(2)
-            shown = _show_progress(logs / "cloud.log", shown, t0, say)
+            shown = _show_progress(logs / "cloud.log", shown, t0, quiet)
             dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
             if dead:
                 say(f"process(es) {', '.join(dead)} failed; see {logs}")
                 break
-        _show_progress(logs / "cloud.log", shown, t0, say)
+        _show_progress(logs / "cloud.log", shown, t0, quiet)
         deadline = time.monotonic() + 60  # "finished" propagates: edges then devices stop by themselves
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
     except KeyboardInterrupt:
         say("interrupted: stopping every process")
     finally:
+        if monitor is not None:
+            _stop({"monitor": monitor}, timeout=5, sig=signal.SIGINT)
         _stop(procs)
         _stop(broker_procs)
         if mosquitto is not None:
@@ -192,6 +196,18 @@ def run(args: argparse.Namespace) -> int:
     if rc == 0:
         _finale(out, bundle, split, args, say)
     return rc
+
+
+def _start_monitor(args: argparse.Namespace, connection: list[str]) -> subprocess.Popen | None:
+    """`tomtit monitor` on this terminal while the run lasts (None: plain progress lines instead,
+    when stdout is not a terminal, with --plain or --json, or without rich)."""
+    import importlib.util
+
+    if args.json or args.plain or not sys.stdout.isatty() or importlib.util.find_spec("rich") is None:
+        return None
+    # Not in a new session: it shares our terminal, and Ctrl-C reaches it as it reaches us.
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "tomtit", "monitor", *connection], env=env)
 
 
 def _emulation_plan(args: argparse.Namespace) -> list[list[str]]:
