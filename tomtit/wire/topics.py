@@ -40,6 +40,9 @@ class Topics:
     def telemetry(self, ident: str) -> str:
         return f"{self.root}/telemetry/{check_id(ident)}"
 
+    def telemetry_filter(self) -> str:
+        return f"{self.root}/telemetry/+"
+
     def errors(self, ident: str) -> str:
         return f"{self.root}/errors/{check_id(ident)}"
 
@@ -57,10 +60,17 @@ class Topics:
 
     def parse_status(self, topic: str) -> str:
         """`tomtit/{job}/status/{id}` -> id."""
+        return self._parse_leaf_topic(topic, "status")
+
+    def parse_telemetry(self, topic: str) -> str:
+        """`tomtit/{job}/telemetry/{id}` -> id."""
+        return self._parse_leaf_topic(topic, "telemetry")
+
+    def _parse_leaf_topic(self, topic: str, kind: str) -> str:
         parts = topic.split("/") if isinstance(topic, str) else []
-        if (len(parts) != 4 or parts[:3] != ["tomtit", self.job, "status"]
+        if (len(parts) != 4 or parts[:3] != ["tomtit", self.job, kind]
                 or _ID_RE.fullmatch(parts[3]) is None):
-            raise WireError("bad_topic", f"{topic!r} is not a status topic of job {self.job!r}")
+            raise WireError("bad_topic", f"{topic!r} is not a {kind} topic of job {self.job!r}")
         return parts[3]
 
     def _parse_node_topic(self, topic: str, leaf: str) -> tuple[str, str]:
