@@ -18,6 +18,24 @@ from tomtit.manifest import BundleError
 class TrainerConfig:
     threads: int = 1  # ORT intra-op threads: 1 leaves a core for MQTT and the OS on a Pi
     learning_rate: float = 1e-3  # AdamW lr for LoRA + head; LoRA tolerates ~10x full fine-tuning lr
+    # "lean" (boards: a Pi 4 has 1-2 GB) or "fast" (ORT's defaults). See MEMORY_PROFILES.
+    memory: str = "lean"
+
+
+# ORT's defaults hold the frozen weights more than once and size a step's buffers generously:
+# constant folding materialises folded copies of weight-derived constants, pre-packing keeps a
+# GEMM-friendly copy of every constant MatMul operand, the memory-pattern planner reserves each
+# step's peak up front, and initializers sit in the arena. Measured on the portable MiniLM-L6
+# step, B8 x T64, 1 thread (bench/train_step.py): peak RSS 386 -> 261 MB (PyTorch eager: 662 MB)
+# for 184 -> 195 ms per step. A board is short of memory before it is short of time, so "lean"
+# is the default; "fast" keeps ORT's defaults for a workstation (the simulator uses it).
+MEMORY_PROFILES = ("lean", "fast")
+
+
+def _lean(memory: str) -> bool:
+    if memory not in MEMORY_PROFILES:
+        raise ValueError(f"memory profile {memory!r}: choose {' or '.join(MEMORY_PROFILES)}")
+    return memory == "lean"
 
 
 class Trainer(ABC):
@@ -41,7 +59,7 @@ class Trainer(ABC):
     def set_learning_rate(self, lr: float) -> None: ...
 
 
-def _session_options(threads: int):
+def _session_options(threads: int, memory: str = "fast"):
     from device_runtime.ort_api import load_onnxruntime
 
     ort = load_onnxruntime()
@@ -50,7 +68,17 @@ def _session_options(threads: int):
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # ORT warns about unused dropout constants; not the user's problem
+    if _lean(memory):
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        so.enable_mem_pattern = False
     return so
+
+
+def _disabled_optimizers(memory: str) -> list[str]:
+    # Constant folding of the step graph's weight-derived subgraphs (transposes of frozen
+    # weights...) stores a second copy of them; unfolded, they cost ~1% of a step.
+    return ["ConstantFolding"] if _lean(memory) else []
 
 
 class OrtTrainingBackend(Trainer):
@@ -72,7 +100,7 @@ class OrtTrainingBackend(Trainer):
                 self._state,
                 str(bundle.path("eval_model")),
                 device="cpu",
-                session_options=_session_options(config.threads),
+                session_options=_session_options(config.threads, config.memory),
             )
             self._optimizer = Optimizer(str(bundle.path("optimizer_model")), self._module)
         except RuntimeError as e:
@@ -142,8 +170,9 @@ class PortableBackend(Trainer):
         else:
             try:
                 self._session = self._ort.InferenceSession(str(bundle.path("train_step")),
-                                                           _session_options(config.threads),
-                                                           providers=["CPUExecutionProvider"])
+                                                           _session_options(config.threads, config.memory),
+                                                           providers=["CPUExecutionProvider"],
+                                                           disabled_optimizers=_disabled_optimizers(config.memory))
             except Exception as e:  # onnxruntime raises assorted pybind exceptions for a bad model
                 raise BundleError(f"{bundle.path('train_step')} does not load: {e}") from None
         self._n = n

@@ -146,3 +146,15 @@ def test_train_cli_portable_backend_without_torch(tiny_bundle, tiny_data):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["backend"] == "portable" and out["loss_last_mean"] < out["loss_first_mean"] - 0.2
+
+
+def test_lean_and_fast_session_profiles_train_identically(tiny_bundle, batches):
+    """`--memory lean` only changes how ORT holds memory, never the arithmetic's result."""
+    b = open_bundle(tiny_bundle)
+    lean = PortableBackend(b, TrainerConfig(learning_rate=LR, memory="lean"))
+    fast = PortableBackend(b, TrainerConfig(learning_rate=LR, memory="fast"))
+    for ids, mask, y in batches[:5]:
+        assert abs(lean.step(ids, mask, y) - fast.step(ids, mask, y)) < 1e-5
+    np.testing.assert_allclose(lean.get_adapter(), fast.get_adapter(), atol=1e-5)
+    with pytest.raises(ValueError, match="memory profile"):
+        PortableBackend(b, TrainerConfig(memory="tiny"))

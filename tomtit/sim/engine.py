@@ -147,7 +147,7 @@ class World:
     evaluator: Evaluator
 
     def trainer(self, lr: float) -> PortableBackend:
-        return PortableBackend(self.bundle, TrainerConfig(threads=1, learning_rate=lr),
+        return PortableBackend(self.bundle, TrainerConfig(threads=1, learning_rate=lr, memory="fast"),
                                share_session_of=self.base_trainer)
 
     def subset(self, idx: np.ndarray) -> EncodedData:

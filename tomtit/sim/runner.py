@@ -58,7 +58,7 @@ def build_world(bundle_path: str, data_spec: str, *, test_fraction: float, eval_
     test_idx = np.array(sorted(test))
     train_idx = np.setdiff1d(np.arange(len(data)), test_idx)
     eval_idx = rng.permutation(test_idx)[:eval_examples]
-    base = PortableBackend(bundle, TrainerConfig(threads=1))
+    base = PortableBackend(bundle, TrainerConfig(threads=1, memory="fast"))
     clf = Classifier(open_bundle(bundle_path, roles=("inference_model", "tokenizer")), threads=1)
     evaluator = Evaluator(clf, data.input_ids[eval_idx], data.attention_mask[eval_idx], data.labels[eval_idx])
     return World(bundle=bundle, base_trainer=base, data=data, label_ids=data.labels, test_idx=test_idx,
