@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         f"(target accuracy {args.target_accuracy}, at most {args.max_minutes} min); Ctrl-C stops everything")
     t0 = time.monotonic()
     shown = 0
-    monitor = _start_monitor(args, ["--credentials", str(creds["cloud"])] if creds else ["--broker", url, "--job", args.job])
+    # field topology: the deployment's read-only monitor identity (its ACL: status/+ and telemetry/+ only)
+    monitor = _start_monitor(args, ["--credentials", str(creds["monitor"])] if creds else ["--broker", url, "--job", args.job])
     quiet = (lambda *a, **k: None) if monitor else say  # the dashboard owns the terminal while it runs
     try:
         while procs["cloud"].poll() is None:
