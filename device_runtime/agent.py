@@ -19,6 +19,11 @@ from the local one, and resetting Adam's moments would restart its bias correcti
 first steps after every sync noisy. ORT's training API has no moment reset short of reloading the
 checkpoint, which would also cost seconds on a board.
 
+Served inference (optional, `device_runtime.serving`): requests that arrive with the other
+messages are queued by the server, and `step` lets it run at most one inference batch before each
+training step; the time and joules it takes are kept out of the step's, so the scheduler sees
+training only. Without a server the agent behaves exactly as before.
+
 Persistence (`--state-dir`): the local and reference adapters, the base version and counters are
 written atomically at every sync, every `checkpoint_every` steps and on shutdown; a restarted
 device resumes from them and re-sends whatever the outbox still holds.
@@ -38,8 +43,9 @@ from device_runtime.adapter import AdapterError
 from device_runtime.energy import EnergyMeter, EnergyMeterError
 from device_runtime.local_data import BatchStream
 from device_runtime.scheduler import StepObservation, SyncScheduler
+from device_runtime.serving import InferenceServer, ServedAdapter
 from device_runtime.trainer import Trainer
-from device_runtime.uplink import Uplink, UplinkConfig
+from device_runtime.uplink import ParentModel, Uplink, UplinkConfig
 from tomtit.fsutil import atomic_write_bytes
 from tomtit.signing import Keyring, Signer
 from tomtit.manifest import Manifest
@@ -90,7 +96,8 @@ class DeviceStats:
     sync_times: list[float] = field(default_factory=list)  # clock() at each sync
     reasons: list[str] = field(default_factory=list)  # the scheduler's reason for each sync
     stop_reason: str = ""
-    bytes_down: int = 0  # every payload received (models, acks, presence)
+    bytes_down: int = 0  # every payload received (models, acks, presence, inference requests)
+    serve_joules: float = 0.0  # energy of served inference batches (kept out of the training steps')
     timeline: list[list[float]] = field(default_factory=list)  # [clock(), step, joules, loss] per telemetry point
 
 
@@ -115,9 +122,11 @@ class DeviceAgent:
         clock: Callable[[], float] = time.time,
         signer: Signer | None = None,
         keyring: Keyring | None = None,
+        server: InferenceServer | None = None,
     ):
         """`signer` signs our updates; with a `keyring`, only models our parent signed are taken
-        (tomtit.signing; both come from a credentials file)."""
+        (tomtit.signing; both come from a credentials file). `server`: answer inference requests
+        between steps (None: do not serve)."""
         self.cfg = config
         self.manifest = manifest
         self.trainer = trainer
@@ -138,6 +147,8 @@ class DeviceAgent:
             scheduler=scheduler, reference=trainer.get_adapter(),  # version 0 == the bundle's initial adapter
             signer=signer, keyring=keyring)
         self.stats = DeviceStats()
+        self.server = server
+        self.global_model: ParentModel | None = None  # the parent's model as last adopted, for serving
         self.parent_finished = False
         self._cycle_losses: list[float] = []
         self._cycle_joules = 0.0
@@ -232,6 +243,8 @@ class DeviceAgent:
     def subscribe(self) -> None:
         self.uplink.subscribe(self.transport)
         self.transport.subscribe(self.topics.status(self.cfg.parent), qos=1)
+        if self.server is not None:
+            self.server.subscribe()
 
     def announce(self) -> None:
         self.transport.publish(self.topics.status(self.cfg.device_id), self.presence("online"), qos=1, retain=True)
@@ -240,7 +253,11 @@ class DeviceAgent:
     def drain_inbound(self, timeout: float = 0.0) -> None:
         msg = self.transport.get(timeout)
         while msg is not None:
-            self._handle(msg.topic, msg.payload)
+            if self.server is not None and msg.topic == self.server.request_topic:
+                self.stats.bytes_down += len(msg.payload)
+                self.server.offer(msg)  # queued, or answered with an error at once; never raises
+            else:
+                self._handle(msg.topic, msg.payload)
             msg = self.transport.get(0)
 
     def _handle(self, topic: str, payload: bytes) -> None:
@@ -264,8 +281,27 @@ class DeviceAgent:
         if not self.uplink.is_new(model):
             return  # an older or repeated retained model
         self.trainer.set_adapter(self.uplink.adopt(model, self.trainer.get_adapter()))
+        self.global_model = model
         self.stats.models_adopted += 1
         log.info("adopted parent model v%d (from %s)", model.version, model.sender)
+
+    # -- served inference ------------------------------------------------------------------
+    def served_adapter(self, kind: str) -> ServedAdapter | None:
+        """The adapter a request asks for (device_runtime.serving.AdapterSource)."""
+        if kind == "local":
+            return ServedAdapter(self.trainer.get_adapter(), self.base_version, self.stats.steps)
+        if self.global_model is None:
+            return None
+        return ServedAdapter(self.global_model.params, self.global_model.version, self.stats.steps)
+
+    def serve(self) -> None:
+        """At most one inference batch; its joules are booked as serving, not as the next step's."""
+        if self.server is None or not self.server.pending:
+            return
+        j0 = self._read_joules() if self._last_joules is None else self._last_joules
+        if self.server.serve(self):
+            self._last_joules = self._read_joules()
+            self.stats.serve_joules += max(0.0, self._last_joules - j0)
 
     # -- outbound --------------------------------------------------------------------------
     def flush_outbox(self) -> None:
@@ -330,12 +366,14 @@ class DeviceAgent:
         deadline = self.clock() + self.cfg.wait_for_model_s
         while self.stats.models_adopted == 0 and self.clock() < deadline:
             self.drain_inbound(timeout=0.1)
+            self.serve()
 
     def step(self) -> bool:
         """One training step and whatever the scheduler decides after it. Returns False, doing
         nothing, while a synchronous round waits for the parent's model."""
         self._on_connection_change()
         self.drain_inbound()
+        self.serve()  # between two training steps: one inference batch at most
         if self.waiting_for_parent:
             self.flush_outbox()  # re-sends are still due while we wait
             return False
@@ -425,10 +463,13 @@ class DeviceAgent:
             "meter": self.meter.name, "board": self.cfg.board, "link": self.cfg.link, "timeline": s.timeline,
             "bytes_up": self.uplink.bytes_up, "bytes_down": s.bytes_down, "base_version": self.base_version,
             "waited_s": s.waited_s, "postponed": s.postponed, "ledger": self.uplink.ledger(),
+            **({"serving": {**self.server.summary(), "joules": s.serve_joules}} if self.server is not None else {}),
         }
 
     def shutdown(self) -> None:
         self.save_state()
+        if self.server is not None:
+            self.server.close()  # queued requests are told, not left to time out
         if self.transport.connected:
             # Deliver what we can before leaving; the outbox keeps the rest for the next start.
             self.flush_outbox()

@@ -119,6 +119,8 @@ class _Queued:
     payload: bytes
     qos: int
     retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
 
 
 class LinkTransport(Transport):
@@ -139,13 +141,14 @@ class LinkTransport(Transport):
         """Wall seconds the radio is busy with a message of `nbytes`."""
         return (self.link.latency_s + self.link.up_s(nbytes)) * self.slowdown
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
         self.meter.add_link(self.link.j_per_mb_up * len(payload) / 1e6)
         self.bytes_up += len(payload)
         with self._cv:
             due = max(self.clock(), self._link_free_at) + self.airtime(len(payload))
             self._link_free_at = due
-            self._queue.append(_Queued(due, topic, payload, qos, retain))
+            self._queue.append(_Queued(due, topic, payload, qos, retain, response_topic, correlation_data))
             self._cv.notify()
 
     def _send_loop(self) -> None:
@@ -160,7 +163,8 @@ class LinkTransport(Transport):
             # Handed over outside the lock (the broker client may block), removed only after, so
             # `publishing` stays true until the inner transport has the message.
             try:
-                self.inner.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+                self.inner.publish(item.topic, item.payload, qos=item.qos, retain=item.retain,
+                                   response_topic=item.response_topic, correlation_data=item.correlation_data)
             except Exception as e:  # noqa: BLE001 - a lost send is what a radio does; the outbox re-sends updates
                 log.warning("emulated link: could not hand %s to the broker client (%s); dropped", item.topic, e)
             with self._cv:

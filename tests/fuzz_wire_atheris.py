@@ -24,7 +24,9 @@ with atheris.instrument_imports(include=["tomtit", "edge_broker"]):
     from tomtit.manifest import TensorSpec
     from tomtit.signing import Keyring, Signer, split_envelope
     from tomtit.wire import (FlatDecoder, Reassembler, WireError, decode_ack, decode_acks, decode_error,
-                             decode_message, decode_presence, decode_run_config, decode_telemetry, is_chunk)
+                             decode_message, decode_presence, decode_reply, decode_request, decode_run_config,
+                             decode_telemetry, is_chunk)
+    from tomtit.wire.infer import reply_address
 
 BUNDLE = "0" * 64
 MAX = 1 << 20
@@ -39,6 +41,7 @@ DECODERS = (
     lambda b: FLAT.decode(b),
     decode_ack, decode_acks, decode_presence, decode_error, decode_telemetry, decode_run_config,
     split_envelope, KEYRING.verify, lambda b: KEYRING.verify(b, expect_signer="dev-1"),
+    decode_request, decode_reply, reply_address,  # served inference (reply_address never raises)
 )
 
 
@@ -61,6 +64,11 @@ def seed_corpus() -> list[bytes]:
     out += [encode_ack(Ack("0123456789abcdef0123456789abcdef", "applied", "", 4)),
             encode_acks([Ack("f" * 32, "rejected", "norm", 3)]),
             encode_presence(Presence("dev-1", "online", "device", 2, 1.5))]
+    from tomtit.wire import InferReply, InferRequest, encode_reply, encode_request
+
+    out += [encode_request(InferRequest(texts=("goal", "shares"), reply_to="tomtit/j/infer/d1/reply/c1", id="r1")),
+            encode_reply(InferReply(device="d1", ok=True, id="r1", adapter="global", version=3, step=9,
+                                    labels=("a", "b"), results=({"label": "a", "probabilities": [0.9, 0.1]},)))]
     return out
 
 

@@ -161,7 +161,7 @@ def test_files_secret_modes_and_summary(dep):
     secrets_ = [out / "ca" / "ca.key", *(out / "brokers" / "cloud" / f for f in
                                          ("server.key", "passwd", "acl", "mosquitto.conf")),
                 *(out / "credentials").glob("*.toml")]
-    assert len(list((out / "credentials").glob("*.toml"))) == 1 + 2 + 4 + 1  # cloud, edges, devices, monitor
+    assert len(list((out / "credentials").glob("*.toml"))) == 1 + 2 + 4 + 2  # cloud, edges, devices, monitor, operator
     for f in secrets_:
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     for f in (out / "ca" / "ca.crt", out / "credentials" / "ca.crt", out / "brokers" / "cloud" / "server.crt"):
@@ -212,6 +212,7 @@ GOOD = {"cloud": 'id = "cloud"\nhost = "cloud.example.org"',
     ({"cloud": 'host = "cloud..example"'}, "cloud.host"),
     ({"e0": 'id = "e0"\ndevices = ["d00"]\nhost = "10.0.0.5"\nport = 70000'}, "edges[0].port"),
     ({"e1": 'id = "monitor"\ndevices = ["d02"]'}, "edges[1].id"),
+    ({"e1": 'id = "e1"\ndevices = ["operator"]'}, "edges[1].devices[0]"),
 ])
 def test_a_bad_topology_is_one_error_naming_the_field(tmp_path, change, field):
     parts = {**GOOD, **change}
@@ -240,6 +241,8 @@ def test_credentials_load_and_keys_pair_up(dep, tmp_path):
     cloud.public_key("e0").verify(sig, b"model v7")
     monitor = load_credentials(out / "credentials" / "monitor.toml")
     assert monitor.role == "monitor" and monitor.signing_key is None
+    operator = load_credentials(out / "credentials" / "operator.toml")
+    assert (operator.role, operator.parent, operator.signing_key) == ("operator", None, None)
 
 
 def _copy_creds(dep: Path, tmp: Path, ident: str, edit=None, mode: int = 0o600) -> Path:
@@ -413,6 +416,29 @@ def test_monitor_reads_status_and_cannot_publish(connect):
 
 
 @pytest.mark.mosquitto
+def test_operator_asks_any_device_and_each_device_answers_only_as_itself(connect):
+    op, mon, d00, d01 = connect("operator"), connect("monitor"), connect("d00"), connect("d01")
+    d00.subscribe(topic("infer_request", "d00"))
+    d00.subscribe(topic("infer_request", "d01"))  # not granted: another device's requests
+    d01.subscribe(topic("infer_request", "d01"))
+    op.subscribe(topic("infer_reply_filter"))
+    op.subscribe(topic("up_filter", "e0"))  # not granted: the operator sees nothing of training
+    mon.publish(topic("infer_request", "d00"), b"forged: the monitor asks")
+    d01.publish(topic("up", "e0", "d01"), b"an update")
+    op.publish(topic("infer_request", "d01"), b"request to d01")
+    op.publish(topic("infer_request", "d00"), b"request to d00")
+    assert d00.until(topic("infer_request", "d00"), b"request to d00") == [(topic("infer_request", "d00"),
+                                                                             b"request to d00")]
+    assert d01.until(topic("infer_request", "d01"), b"request to d01") == [(topic("infer_request", "d01"),
+                                                                             b"request to d01")]
+    d00.publish(topic("infer_reply", "d01", "op1"), b"forged: d00 as d01")
+    d00.publish(topic("down", "e0"), b"forged model")
+    d00.publish(topic("infer_reply", "d00", "op1"), b"d00 answers")
+    assert op.until(topic("infer_reply", "d00", "op1"), b"d00 answers") == [(topic("infer_reply", "d00", "op1"),
+                                                                              b"d00 answers")]
+
+
+@pytest.mark.mosquitto
 def test_edge_brokers_bridge_to_the_cloud(tmp_path):
     from edge_broker.brokers import free_port
 
@@ -445,6 +471,16 @@ def test_edge_brokers_bridge_to_the_cloud(tmp_path):
             e0.until(topic("down", "cloud"), b"global v1", timeout=20)
             e0.publish(topic("up", "cloud", "e0"), b"edge update")
             cloud.until(topic("up", "cloud", "e0"), b"edge update")
+            # served inference across the bridge: an operator on the cloud's broker asks d00 on e0's
+            op, d00 = login(cloud_port, "operator"), login(edge_port, "d00")
+            d00.subscribe(topic("infer_request", "d00"))
+            op.subscribe(topic("infer_reply_filter"))
+            op.publish(topic("infer_request", "d00"), b"request")
+            d00.until(topic("infer_request", "d00"), b"request")
+            d00.publish(topic("infer_reply", "d00", "op1"), b"answer")
+            op.until(topic("infer_reply", "d00", "op1"), b"answer")
+            op.close()
+            d00.close()
         finally:
             cloud.close()
             e0.close()

@@ -181,15 +181,31 @@ class MqttTransport(Transport):
             log.warning("lost connection to %s (%s); reconnecting with backoff", self.url, reason_code)
 
     def _on_message(self, client, userdata, message):
-        self._queue.put(Inbound(message.topic, bytes(message.payload), bool(message.retain), int(message.qos)))
+        props = message.properties if self.options.protocol == "5" else None  # v5 only
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        self._queue.put(Inbound(message.topic, bytes(message.payload), bool(message.retain), int(message.qos),
+                                response_topic=response_topic or None,
+                                correlation_data=bytes(correlation) if correlation is not None else None))
 
     # -- Transport -------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
         if self._client is None:
             raise ConnectionError("transport is not started")
+        properties = None
+        if self.options.protocol == "5" and (response_topic is not None or correlation_data is not None):
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
         # While disconnected paho queues the message and sends it after reconnecting; callers
         # that must not lose it keep their own copy (the outbox) until an end-to-end ack.
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0:
             self._unacked.append(info)
             if len(self._unacked) > 256:  # prune now and then, not on every publish (O(n^2) otherwise)

@@ -21,6 +21,9 @@ class Inbound:
     payload: bytes
     retain: bool = False
     qos: int = 0
+    # MQTT 5 request/response properties (None on 3.1.1, where the payload has to carry them)
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,10 @@ class Transport(ABC):
     """Publish/subscribe with a thread-safe inbound queue. Context manager: `with t: ...`."""
 
     @abstractmethod
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
+        """`response_topic` / `correlation_data`: MQTT 5 properties, sent only where the
+        connection speaks MQTT 5 (elsewhere dropped: the payload must carry what matters)."""
 
     @abstractmethod
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None: ...
@@ -101,7 +107,8 @@ class MemoryBroker:
             self._clients.append(t)
         return t
 
-    def _route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def _route(self, topic: str, payload: bytes, qos: int, retain: bool, response_topic: str | None = None,
+               correlation_data: bytes | None = None) -> None:
         with self._lock:
             self.published += 1
             if retain:
@@ -111,7 +118,8 @@ class MemoryBroker:
                     self.retained.pop(topic, None)  # MQTT: an empty retained payload clears it
             clients = list(self._clients)
         for c in clients:
-            c._deliver(topic, payload, qos, retain=False)
+            c._deliver(topic, payload, qos, retain=False, response_topic=response_topic,
+                       correlation_data=correlation_data)
 
     def _drop(self, client: "MemoryTransport", *, send_will: bool) -> None:
         with self._lock:
@@ -130,10 +138,12 @@ class MemoryTransport(Transport):
         self._queue: queue.Queue[Inbound] = queue.Queue()
         self._open = True
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
+        """Carries MQTT 5's request/response properties, as a broker does between v5 clients."""
         if not self._open:
             raise ConnectionError(f"{self.client_id} is closed")
-        self.broker._route(topic, bytes(payload), qos, retain)
+        self.broker._route(topic, bytes(payload), qos, retain, response_topic, correlation_data)
 
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         self._filters[topic_filter] = qos
@@ -141,10 +151,12 @@ class MemoryTransport(Transport):
             if topic_matches(topic_filter, topic):
                 self._queue.put(Inbound(topic, payload, retain=True, qos=qos))
 
-    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, response_topic: str | None = None,
+                 correlation_data: bytes | None = None) -> None:
         for f, sub_qos in self._filters.items():
             if topic_matches(f, topic):
-                self._queue.put(Inbound(topic, payload, retain=retain, qos=min(qos, sub_qos)))
+                self._queue.put(Inbound(topic, payload, retain=retain, qos=min(qos, sub_qos),
+                                        response_topic=response_topic, correlation_data=correlation_data))
                 return
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util  # find_spec: `import importlib` alone does not load it (a clean venv has no .pth that does)
 import sys
 
 from tomtit.errors import TomtitError
@@ -16,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("tomtit.cli.export_cmd", "workstation: pre-trained model -> on-device training bundle"),
     "data": ("tomtit.cli.data_cmd", "prepare data: non-IID device splits"),
     "train": ("tomtit.cli.train_cmd", "device: fine-tune the adapter locally (ORT, no torch)"),
+    "generate": ("tomtit.cli.generate_cmd", "device: generate text with a causal-LM bundle (+ adapter), greedy, streaming"),
     "infer": ("tomtit.cli.infer_cmd", "device: classify texts with the bundle (+ adapter)"),
     "peft": ("tomtit.cli.peft_cmd", "workstation: Hugging Face PEFT adapter interop"),
     "energy": ("tomtit.cli.energy_cmd", "device: show the detected energy meter and a reading"),

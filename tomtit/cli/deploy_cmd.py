@@ -59,4 +59,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"    e.g. tomtit device run --credentials {dep.credentials[first_edge.devices[0]]} --bundle B --data F"
           f"   (the file gives --id {first_edge.devices[0]}, --parent {first_edge.id}, --job {dep.job})")
     print(f"  monitor         {dep.credentials['monitor']}  (read-only: status and telemetry)")
+    print(f"  operator        {dep.credentials['operator']}  (tomtit infer --remote DEVICE: served inference)")
     return 0

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from tomtit.cli import config_file, device_pack_cmd
 from tomtit.cli.mqtt_args import (add_broker_args, mqtt_options, resolve_identity, setup_logging, signing_keys,
                                   stop_event_on_signals)
 
@@ -14,6 +15,7 @@ def register(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     r = sub.add_parser("run", help="train locally and sync autonomously with the parent node")
+    config_file.enable(r, prog="tomtit device run")  # --config FILE: every option below, flags override it
     r.add_argument("--bundle", required=True, type=Path)
     r.add_argument("--data", required=True, help="this device's JSONL/CSV examples")
     r.add_argument("--parent", help="id of the node (edge) to sync with (default: the credentials')")
@@ -49,9 +51,14 @@ def register(p: argparse.ArgumentParser) -> None:
     r.add_argument("--link-j-per-mb", type=float, default=0.5, help="radio energy per MB uploaded")
     r.add_argument("--resend-after", type=float, default=30.0, help="seconds before re-sending an unacknowledged update")
     r.add_argument("--summary", type=Path, help="write a JSON summary here on exit")
+    r.add_argument("--no-serve", action="store_true",
+                   help="do not answer inference requests (default: answer them on tomtit/JOB/infer/ID/request "
+                        "between training steps, one batch per step; `tomtit infer --remote ID` asks)")
+    device_pack_cmd.register(sub)  # `tomtit device pack`: everything a board needs, offline
 
 
 def run(args: argparse.Namespace) -> int:
+    config_file.resolve(args)  # --config values where no flag was given; checks --bundle and --data
     from device_runtime.agent import DeviceAgent, DeviceConfig
     from device_runtime.energy import detect_meter
     from device_runtime.local_data import BatchStream, encode_dataset
@@ -114,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
         log.info("emulating %s (%.3f s/step, %g/%g W busy/idle) on %s (%g Mbit/s up, %g J/MB up), %gx slower than real",
                  emulated.board.name, emulated.step_s, emulated.board.busy_w, emulated.board.idle_w,
                  emulated.link.name, emulated.link.up_mbps, emulated.link.j_per_mb_up, emulated.slowdown)
+    server = None if args.no_serve else _inference_server(args, transport, log)
     agent = DeviceAgent(config, manifest=m, trainer=trainer, batches=BatchStream(data, args.batch, seed=args.seed),
                         num_samples=len(data), meter=meter, scheduler=scheduler, transport=transport,
-                        state_dir=state_dir, signer=signer, keyring=keyring)
+                        state_dir=state_dir, signer=signer, keyring=keyring, server=server)
     try:
         stats = agent.run(stop.is_set)
     finally:
@@ -134,6 +142,27 @@ def run(args: argparse.Namespace) -> int:
                             trainer.steps, trainer.wall_step_s, emulated.board.name, emulated.slowdown)
         args.summary.write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def _inference_server(args: argparse.Namespace, transport, log):
+    """The server for inference requests, or None (with a warning) when the bundle has no
+    inference model: serving is on by default and must never keep a device from training."""
+    from device_runtime.bundle import open_bundle
+    from device_runtime.inference import Classifier
+    from device_runtime.serving import InferenceServer, ServeConfig
+    from tomtit.manifest import BundleError
+    from tomtit.wire import Topics
+
+    try:
+        bundle = open_bundle(args.bundle, roles=("inference_model", "tokenizer"))
+    except BundleError as e:
+        log.warning("not serving inference requests: %s", e)
+        return None
+    log.info("serving inference requests on %s", Topics(args.job).infer_request(args.id))
+    # one lean ORT session with one thread, created at the first request (a device nobody asks pays
+    # nothing; MiniLM-L6: ~120 MB once asked)
+    return InferenceServer(ServeConfig(device_id=args.id, job=args.job), transport=transport,
+                           load_classifier=lambda: Classifier(bundle, threads=1, memory="lean"))
 
 
 def _emulated_board(args: argparse.Namespace, max_length: int):

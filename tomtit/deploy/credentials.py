@@ -1,14 +1,15 @@
 """One identity's credential file (TOML): who it is, how it reaches its broker, its keys.
 
-    [identity]   id, role (device | edge | cloud | monitor), job, parent (device and edge only)
+    [identity]   id, role (device | edge | cloud | monitor | operator), job, parent (device and edge only)
     [mqtt]       broker (mqtts://host:port), username, password, ca_file (relative to the file)
     [keys]       signing_key: its Ed25519 private key, base64 of the raw 32 bytes
     [keys.verify] id = base64 raw Ed25519 public key, for each peer whose messages it checks
                  (a device: its parent; an edge: its parent and children; the cloud: its children)
 
-The monitor has no [keys]. `load_credentials` refuses a file that group or others can read or
-write, as ssh does with a private key: a warning scrolls by in a board's log while the password
-stays exposed (or replaceable); a refusal is noticed at once and fixed with one `chmod 600`.
+The monitor and the operator (the served-inference client) have no [keys]. `load_credentials`
+refuses a file that group or others can read or write, as ssh does with a private key: a warning
+scrolls by in a board's log while the password stays exposed (or replaceable); a refusal is
+noticed at once and fixed with one `chmod 600`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from types import MappingProxyType
 from tomtit.deploy._toml import read_toml, toml_str
 from tomtit.deploy.errors import DeployError
 
-ROLES = ("device", "edge", "cloud", "monitor")
+ROLES = ("device", "edge", "cloud", "monitor", "operator")
+_WITHOUT_KEYS = ("monitor", "operator")  # they sign nothing and check no model
 _WITH_PARENT = ("device", "edge")
 _SECTIONS = {"identity": ("id", "role", "job", "parent"),
              "mqtt": ("broker", "username", "password", "ca_file"),
@@ -36,7 +38,7 @@ _REQUIRED = {"identity": ("id", "role", "job"), "mqtt": ("broker", "username", "
 @dataclass(frozen=True)
 class Credentials:
     id: str
-    role: str  # device | edge | cloud | monitor
+    role: str  # device | edge | cloud | monitor | operator
     job: str
     parent: str | None  # device and edge; None for the cloud and the monitor
     broker: str  # mqtts://host:port
@@ -165,7 +167,7 @@ def load_credentials(path: str | Path) -> Credentials:
     ca_file = path.parent / text(mq, "mqtt", "ca_file")
     if not ca_file.is_file():
         raise DeployError(f"{path}: mqtt.ca_file: {ca_file} does not exist (copy it next to the credentials)")
-    keys = table("keys", role != "monitor")
+    keys = table("keys", role not in _WITHOUT_KEYS)
     signing_key, verify = None, {}
     if keys:
         signing_key = _key32(keys["signing_key"], f"{path}: keys.signing_key")

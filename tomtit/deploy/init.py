@@ -4,7 +4,7 @@
     DIR/ca/ca.crt, ca.key             the deployment's CA (keep ca.key off the brokers)
     DIR/brokers/NAME/mosquitto.conf   one per broker: TLS listener, password file, ACL, persistence
                     server.crt/.key, passwd, acl, data/
-    DIR/credentials/ID.toml, ca.crt   one per cloud, edge, device, and `monitor`
+    DIR/credentials/ID.toml, ca.crt   one per cloud, edge, device, `monitor` and `operator`
 
 Everything is written into a staging folder next to DIR and moved into place at the end, so DIR
 is either the old deployment or the complete new one. Secrets (keys, passwords, the configs that
@@ -23,7 +23,7 @@ from tomtit.deploy import mosquitto_conf as mc
 from tomtit.deploy.credentials import Credentials, render_credentials
 from tomtit.deploy.errors import DeployError
 from tomtit.deploy.pki import make_ca, make_server_cert, make_signing_key
-from tomtit.deploy.topology import MONITOR_USER, Broker, Topology
+from tomtit.deploy.topology import MONITOR_USER, OPERATOR_USER, Broker, Topology
 from tomtit.wire import Topics
 
 CA_NAME = "ca.crt"
@@ -127,7 +127,7 @@ def broker_users(topo: Topology, broker: Broker, t: Topics, passwords: dict[str,
                  bridge_passwords: dict[str, str]) -> list[tuple[str, str, str, list[mc.Rule]]]:
     """(user, password, comment, ACL rules) of everyone who logs in to `broker`: on the cloud's,
     the cloud, the edges without a broker of their own and their devices, and one bridge user per
-    edge broker; on an edge's, the edge and its devices. The monitor everywhere."""
+    edge broker; on an edge's, the edge and its devices. The monitor and the operator everywhere."""
     users = []
     if broker.name == topo.cloud:
         users.append((topo.cloud, passwords[topo.cloud], f"cloud node {topo.cloud}",
@@ -146,6 +146,8 @@ def broker_users(topo: Topology, broker: Broker, t: Topics, passwords: dict[str,
         users += [(d, passwords[d], f"device {d}", mc.device_rules(t, d, e.id)) for d in e.devices]
     users.append((MONITOR_USER, passwords[MONITOR_USER], "read-only monitor: presence and telemetry",
                   mc.monitor_rules(t)))
+    users.append((OPERATOR_USER, passwords[OPERATOR_USER], "inference client: requests to devices, their replies",
+                  mc.operator_rules(t)))
     return users
 
 
@@ -154,6 +156,7 @@ def _write_all(topo: Topology, tmp: Path, out: Path) -> Deployment:
     people = identities(topo)
     passwords = {p.id: _password() for p in people}
     passwords[MONITOR_USER] = _password()
+    passwords[OPERATOR_USER] = _password()
     bridge_passwords = {e.id: _password() for e in topo.edges if e.broker is not None}
     keys = {p.id: make_signing_key() for p in people}
 
@@ -214,10 +217,18 @@ def _write_all(topo: Topology, tmp: Path, out: Path) -> Deployment:
            render_credentials(monitor, ca_file=CA_NAME,
                               hint="read-only: status/+ and telemetry/+ on any broker of the job"), secret=True)
     creds[MONITOR_USER] = out / "credentials" / f"{MONITOR_USER}.toml"
+    operator = Credentials(id=OPERATOR_USER, role="operator", job=topo.job, parent=None,
+                           broker=topo.cloud_broker.url, username=OPERATOR_USER,
+                           password=passwords[OPERATOR_USER], ca_file=ca_final)
+    _write(tmp / "credentials" / f"{OPERATOR_USER}.toml",
+           render_credentials(operator, ca_file=CA_NAME,
+                              hint="use: tomtit infer --credentials operator.toml --remote DEVICE TEXT... "
+                                   "(asks any device of the job; a device's own broker reaches it too)"), secret=True)
+    creds[OPERATOR_USER] = out / "credentials" / f"{OPERATOR_USER}.toml"
 
     return Deployment(out=out, job=topo.job, ca_cert=ca_final, ca_key=out / "ca" / "ca.key",
                       brokers=tuple(written), credentials=creds,
-                      roles={**{p.id: p.role for p in people}, MONITOR_USER: "monitor"},
+                      roles={**{p.id: p.role for p in people}, MONITOR_USER: "monitor", OPERATOR_USER: "operator"},
                       parents={p.id: p.parent for p in people if p.parent})
 
 

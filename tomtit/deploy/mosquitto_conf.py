@@ -58,6 +58,8 @@ def device_rules(t: Topics, device: str, parent: str) -> list[Rule]:
         (READ, t.ack(parent, device)),  # acks for its own updates only
         (READ, t.status(parent)),  # to stop when the parent has finished
         (READ, t.run()),  # the run configuration the cloud retains
+        (READ, t.infer_request(device)),  # served inference: requests to it
+        (WRITE, t.infer_reply_filter(device)),  # and its answers, under its own name only
     ]
 
 
@@ -95,11 +97,19 @@ def monitor_rules(t: Topics) -> list[Rule]:
     return [(READ, t.status_filter()), (READ, _level_filter(t.telemetry("x")))]
 
 
+def operator_rules(t: Topics) -> list[Rule]:
+    """The served-inference client (`tomtit infer --remote`): asks any device, reads the answers.
+    Nothing else: it cannot touch models, updates, acks or presence."""
+    return [(WRITE, t.infer_request_filter()), (READ, t.infer_reply_filter())]
+
+
 def bridge_topics(t: Topics, edge: str, cloud: str, devices: Sequence[str]) -> list[tuple[str, str, int]]:
     """(topic, direction, qos) an edge broker forwards to and from the cloud's."""
     out = [(t.up(cloud, edge), "out", 1), (t.errors(edge), "out", 1)]
     for who in (edge, *devices):  # presence and telemetry of the edge's subtree, for the monitor
         out += [(t.status(who), "out", 1), (t.telemetry(who), "out", 0)]
+    for d in devices:  # served inference: an operator on the cloud's broker asks the edge's devices
+        out += [(t.infer_request(d), "in", 1), (t.infer_reply_filter(d), "out", 0)]
     return out + [(t.down(cloud), "in", 1), (t.ack(cloud, edge), "in", 1), (t.run(), "in", 1),
                   (t.status(cloud), "in", 1)]
 

@@ -31,6 +31,7 @@ DEFAULT_PORT = 8883  # MQTT over TLS
 DEFAULT_JOB = "default"
 DEFAULT_CLOUD_ID = "cloud"
 MONITOR_USER = "monitor"  # the read-only observer: a reserved name, not a node or device id
+OPERATOR_USER = "operator"  # the served-inference client (`tomtit infer --remote`): reserved likewise
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # what tomtit.wire's check_id accepts (checked there too)
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
@@ -119,6 +120,8 @@ def _check_id(value: object, where: str) -> str:
                           f"(it is one MQTT topic level and a file name)") from None
     if value == MONITOR_USER:
         raise DeployError(f"{where} = {value!r} is reserved for the read-only monitor user")
+    if value == OPERATOR_USER:
+        raise DeployError(f"{where} = {value!r} is reserved for the inference client user")
     return value
 
 

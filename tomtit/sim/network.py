@@ -145,7 +145,9 @@ class SimTransport(Transport):
     def __init__(self, net: SimNetwork, ep: Endpoint) -> None:
         self.net, self.ep = net, ep
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
+        # the virtual network models MQTT 3.1.1: MQTT 5 properties are dropped
         if not self.ep.online:
             raise ConnectionError(f"{self.ep.name} is offline")
         self.net.publish(self.ep, topic, bytes(payload), retain, qos)

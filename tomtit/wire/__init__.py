@@ -16,7 +16,8 @@ One module per job; import from `tomtit.wire`, which re-exports the public names
   - flat:       FlatDecoder, decode_message straight into one flat buffer (node hot path);
   - chunks:     split_payload, is_chunk, Reassembler, for payloads above the broker's limit;
   - control:    acks, presence, error reports, telemetry (small JSON);
-  - run_config: RunConfig, the run's settings the cloud publishes retained (small JSON).
+  - run_config: RunConfig, the run's settings the cloud publishes retained (small JSON);
+  - infer:      InferRequest, InferReply, served inference between a client and a device (small JSON).
 """
 from tomtit.wire.chunks import CHUNK_HEADER_MAX, MIN_CHUNK_LIMIT, Reassembler, is_chunk, split_payload
 from tomtit.wire.codec import (CODECS, KINDS, MAX_ABS_LOSS, MAX_CREATED_AT, MAX_ENERGY_J, MAX_LOCAL_STEPS,
@@ -29,6 +30,10 @@ from tomtit.wire.control import (ACK_STATUSES, MAX_ACK_BATCH_BYTES, MAX_ACKS_PER
                                  encode_presence, encode_telemetry)
 from tomtit.wire.errors import WireError, check_id, new_update_id
 from tomtit.wire.flat import FlatDecoder
+from tomtit.wire.infer import (ADAPTER_KINDS, MAX_REPLY_BYTES, MAX_REQUEST_BYTES,
+                               MAX_TEXT_CHARS, MAX_TEXTS_PER_REQUEST, InferReply, InferRequest, InferResult,
+                               decode_reply, decode_request, encode_reply, encode_request, error_reply,
+                               reply_topic, reply_topic_hint)
 from tomtit.wire.run_config import RunConfig, decode_run_config, encode_run_config
 from tomtit.wire.topics import Topics
 
@@ -50,4 +55,8 @@ __all__ = [
     "encode_error", "decode_error", "TelemetryValue", "encode_telemetry", "decode_telemetry",
     # run configuration
     "RunConfig", "encode_run_config", "decode_run_config",
+    # served inference
+    "ADAPTER_KINDS", "MAX_TEXTS_PER_REQUEST", "MAX_TEXT_CHARS", "MAX_REQUEST_BYTES", "MAX_REPLY_BYTES",
+    "InferRequest", "InferReply", "InferResult", "encode_request", "decode_request",
+    "encode_reply", "decode_reply", "error_reply", "reply_topic", "reply_topic_hint",
 ]

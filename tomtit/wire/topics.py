@@ -50,6 +50,31 @@ class Topics:
         """Where the cloud publishes the job's RunConfig, retained."""
         return f"{self.root}/run"
 
+    # served inference (tomtit.wire.infer): a client asks a device, the device answers on a reply
+    # topic under its own name, so a broker ACL can let each device write only its own replies
+    def infer_request(self, device: str) -> str:
+        return f"{self.root}/infer/{check_id(device, 'device')}/request"
+
+    def infer_request_filter(self) -> str:
+        """Requests to any device of the job (a client's ACL)."""
+        return f"{self.root}/infer/+/request"
+
+    def infer_reply(self, device: str, token: str) -> str:
+        """Where `device` answers the client that chose `token` (one per client or per request)."""
+        return f"{self.root}/infer/{check_id(device, 'device')}/reply/{check_id(token, 'reply token')}"
+
+    def infer_reply_filter(self, device: str | None = None) -> str:
+        """Replies of `device` (its ACL), or of every device (None: a client's ACL)."""
+        return f"{self.root}/infer/{'+' if device is None else check_id(device, 'device')}/reply/+"
+
+    def parse_infer_reply(self, topic: str) -> tuple[str, str]:
+        """`tomtit/{job}/infer/{device}/reply/{token}` -> (device, token)."""
+        parts = topic.split("/") if isinstance(topic, str) else []
+        if (len(parts) != 6 or parts[:3] != ["tomtit", self.job, "infer"] or parts[4] != "reply"
+                or _ID_RE.fullmatch(parts[3]) is None or _ID_RE.fullmatch(parts[5]) is None):
+            raise WireError("bad_reply_topic", f"{topic!r} is not an inference reply topic of job {self.job!r}")
+        return parts[3], parts[5]
+
     def parse_up(self, topic: str) -> tuple[str, str]:
         """`tomtit/{job}/node/{node}/up/{child}` -> (node, child)."""
         return self._parse_node_topic(topic, "up")
