@@ -14,7 +14,7 @@ from tomtit.manifest import Manifest
 class EncodedData:
     input_ids: np.ndarray  # (N, max_length) int64, right-padded
     attention_mask: np.ndarray  # (N, max_length) int64
-    labels: np.ndarray  # (N,) int64 indices into manifest.labels
+    labels: np.ndarray  # (N,) int64 indices into manifest.labels; causal LM: (N, max_length) token ids / -100
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -35,6 +35,67 @@ def encode_dataset(ds: Dataset, encoder: TextEncoder, manifest: Manifest) -> Enc
     pad_ids[:, : ids.shape[1]] = ids
     pad_mask[:, : mask.shape[1]] = mask
     return EncodedData(pad_ids, pad_mask, np.array([index[y] for y in ds.labels], np.int64))
+
+
+IGNORE_INDEX = -100  # causal-lm labels that carry no loss (the prompt, padding)
+
+
+def encode_lm_example(tok, manifest: Manifest, prompt: str, response: str | None,
+                      reserve: int = 0) -> tuple[list[int], int]:
+    """Token ids of one causal-LM example and where its response starts.
+
+    A prompt is wrapped in the bundle's prompt template (the chat template rendered at export);
+    `response` None gives the generation prompt, with `reserve` tokens left for the answer. Plain text (prompt "") is scored on every token.
+    The prompt body is cut, never the template or the response (which is cut to half the length).
+    """
+    extra = manifest.extra
+    limit = manifest.max_length
+    eos = int(extra["eos_id"])
+    enc = lambda t: tok.encode(t, add_special_tokens=False).ids if t else []  # noqa: E731
+    if not prompt:
+        ids = enc(response or "")[: limit - 1] + [eos]
+        return ids, 0
+    tpl = extra.get("prompt_template") or {"prefix": "", "suffix": "\n"}
+    pre, body, post = enc(tpl["prefix"]), enc(prompt), enc(tpl["suffix"])
+    resp = [] if response is None else (enc(response)[: max(1, limit // 2) - 1] + [eos])
+    budget = limit - len(pre) - len(post) - len(resp) - (min(reserve, limit // 2) if response is None else 0)
+    if budget < 1:
+        raise DataError(f"the prompt template and response need {limit - budget + 1} tokens; "
+                        f"the bundle's max length is {limit}")
+    ids = pre + body[:budget] + post
+    return ids + resp, len(ids)
+
+
+def encode_lm_dataset(ds, tokenizer_path, manifest: Manifest) -> EncodedData:
+    """Causal-LM examples -> (ids, mask, labels) of shape (N, max_length); labels are the ids
+    with IGNORE_INDEX on the prompt and the padding (the step graph shifts them)."""
+    from device_runtime.text import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    n, width = len(ds), manifest.max_length
+    pad = int(manifest.extra.get("pad_id", 0))
+    ids = np.full((n, width), pad, np.int64)
+    mask = np.zeros((n, width), np.int64)
+    labels = np.full((n, width), IGNORE_INDEX, np.int64)
+    for i, (prompt, response) in enumerate(zip(ds.prompts, ds.responses)):
+        row, start = encode_lm_example(tok, manifest, prompt, response)
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+        labels[i, start : len(row)] = row[start:]
+    return EncodedData(ids, mask, labels)
+
+
+def encode_for_bundle(spec, bundle) -> EncodedData:
+    """Load a device's data file and encode it the way the bundle's task needs."""
+    from device_runtime.text import TextEncoder
+    from tomtit.data import load_dataset
+
+    m = bundle.manifest
+    if m.task == "causal-lm":
+        from tomtit.lm_data import load_lm_dataset
+
+        return encode_lm_dataset(load_lm_dataset(spec), bundle.path("tokenizer"), m)
+    return encode_dataset(load_dataset(spec), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
 
 
 class BatchStream:
@@ -61,5 +122,10 @@ class BatchStream:
             self.epoch += 1
         idx = self._order[self._pos : self._pos + self._batch]
         self._pos += len(idx)
+        labels = self._data.labels[idx]
+        if labels.ndim == 2:  # causal LM: token labels trimmed with the batch; the graph needs >= 3 tokens
+            width = min(labels.shape[1], max(3, int(self._data.attention_mask[idx].sum(axis=1).max())))
+            cut = lambda a: np.ascontiguousarray(a[:, :width])  # noqa: E731
+            return cut(self._data.input_ids[idx]), cut(self._data.attention_mask[idx]), cut(labels)
         ids, mask = trim_batch(self._data.input_ids[idx], self._data.attention_mask[idx])
-        return ids, mask, self._data.labels[idx]
+        return ids, mask, labels

@@ -38,6 +38,19 @@ class TextEncoder:
         return ids, mask
 
 
+def load_tokenizer(tokenizer_path: Path):
+    """A bare `tokenizers.Tokenizer` (no padding, no truncation): causal-LM encoding and decoding."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise BundleError(f"{tokenizer_path} is not a tokenizers JSON file: {e}") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
 def trim_batch(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop trailing columns that are padding in every row (rows pre-encoded for a whole file)."""
     width = max(1, int(mask.sum(axis=1).max()))

@@ -264,4 +264,6 @@ def open_training_bundle(root, backend: str = "auto") -> tuple[Bundle, str]:
 
     unverified = open_bundle(root, roles=(), verify=False)
     chosen = resolve_backend(unverified.manifest, backend)
-    return open_bundle(root, roles=BACKEND_ROLES[chosen] + ("tokenizer",)), chosen
+    # A causal-LM bundle's step keeps its frozen weights in a shared external file: verify it too.
+    extra = ("weights",) if "weights" in unverified.manifest.files else ()
+    return open_bundle(root, roles=BACKEND_ROLES[chosen] + ("tokenizer",) + extra), chosen

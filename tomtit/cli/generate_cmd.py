@@ -1,0 +1,47 @@
+"""`tomtit generate`: greedy text generation on the device with a causal-LM bundle (no torch)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--adapter", type=Path, help="adapter safetensors (default: the bundle's initial adapter)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("prompt", nargs="+", metavar="PROMPT", help="the prompt (words are joined with spaces)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_runtime.adapter import load_adapter
+    from device_runtime.bundle import open_bundle
+    from device_runtime.generation import GenerationStats, Generator
+    from tomtit.cli import CliError
+
+    if args.max_new_tokens < 1 or args.threads < 1:
+        raise CliError("--max-new-tokens and --threads must be >= 1")
+    bundle = open_bundle(args.bundle, roles=())
+    roles = ("inference_model", "tokenizer", "initial_adapter") + (("weights",) if "weights" in bundle.manifest.files else ())
+    bundle = open_bundle(args.bundle, roles=roles)
+    adapter = load_adapter(args.adapter or bundle.path("initial_adapter"), bundle.manifest)
+    gen = Generator(bundle, threads=args.threads)
+    prompt = " ".join(args.prompt)
+    stats = GenerationStats()
+    pieces = []
+    for piece in gen.stream(prompt, adapter, max_new_tokens=args.max_new_tokens, stats=stats):
+        pieces.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps({"prompt": prompt, "text": "".join(pieces), "prompt_tokens": stats.prompt_tokens,
+                          "new_tokens": stats.new_tokens, "ms_per_token": stats.ms_per_token}))
+    else:
+        print()
+        print(f"[{stats.new_tokens} tokens, {stats.ms_per_token:.1f} ms/token, prompt {stats.prompt_tokens} tokens, "
+              "no KV cache]", file=sys.stderr)
+    return 0
