@@ -94,3 +94,45 @@ class Classifier:
             nll -= float(logp[np.arange(len(y)), y].sum())
         n = max(1, len(label_ids))
         return correct / n, nll / n
+
+
+
+class TokenLoss:
+    """Mean token cross-entropy of an adapter on pre-encoded causal-LM examples (the cloud's
+    held-out loss), from the bundle's full-sequence inference graph (forward only; plain
+    onnxruntime, no torch). The masking is the training step's: labels are shifted here as the
+    step graph shifts them (position t is scored against labels[t + 1]), and only labels that are
+    not -100 count (the response of prompt/response rows, every token of text rows).
+
+    Batches are summed token by token, so the result is the mean over every scored token,
+    whatever the batching. `classifier` is a `Classifier` on the causal bundle (its `logits`
+    gives (B, S, vocab))."""
+
+    def __init__(self, classifier: Classifier, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 labels: np.ndarray, batch_size: int = 8):
+        if labels.ndim != 2 or len(labels) == 0:
+            raise ValueError("TokenLoss needs causal-LM examples: labels of shape (N, max_length)")
+        self.classifier = classifier
+        self._batches = []  # (ids, mask, labels) per batch, trimmed to its longest row
+        for i in range(0, len(labels), batch_size):
+            ids, mask, y = input_ids[i:i + batch_size], attention_mask[i:i + batch_size], labels[i:i + batch_size]
+            # >= 3 columns: the bundle's graphs are exported for sequences of at least 3 tokens
+            width = min(y.shape[1], max(3, int(mask.sum(axis=1).max())))
+            if (y[:, 1:width] != -100).any():
+                cut = lambda a: np.ascontiguousarray(a[:, :width], np.int64)  # noqa: E731
+                self._batches.append((cut(ids), cut(mask), cut(y)))
+        self.tokens = sum(int((y[:, 1:] != -100).sum()) for _, _, y in self._batches)
+        if not self.tokens:
+            raise ValueError("no held-out token carries loss (every label is -100)")
+
+    def __call__(self, adapter: np.ndarray) -> float:
+        total = 0.0
+        for ids, mask, y in self._batches:
+            logits = self.classifier.logits(ids, mask, adapter)[:, :-1]
+            target = y[:, 1:]
+            scored = target != -100
+            z = logits[scored]  # (tokens, vocab): only the rows that count
+            top = z.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(z - top, dtype=np.float64).sum(axis=1)) + top[:, 0]
+            total += float((lse - z[np.arange(len(z)), target[scored]]).sum())
+        return total / self.tokens

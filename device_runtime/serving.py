@@ -1,4 +1,5 @@
-"""Served inference: the device answers classification requests between its training steps.
+"""Served inference: the device answers classification (or, with a causal LM, generation) requests
+between its training steps.
 
     agent.drain_inbound -> server.offer(msg)    decode and validate at once; a bad request, or one
                                                 that finds the queue full ("busy"), is answered with
@@ -14,6 +15,11 @@ and the classifier are injected (the classifier is loaded at the first request, 
 nobody asks never pays for a second ORT session's memory). Nothing a request contains can stop
 training: every failure becomes an error reply, or a dropped request when there is nowhere to
 reply to.
+
+Generation (a causal-LM bundle, `load_generator`): a request's texts are prompts, answered with
+their greedy continuations. One generation request per gap between steps, at most
+MAX_GENERATE_TEXTS prompts of at most its max_new_tokens each: each new token is one run of the
+model, so a request costs what a classification batch does many times over.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from device_runtime.inference import Classifier, softmax
 from tomtit.transport import Inbound, Transport
 from tomtit.wire import (MAX_TEXTS_PER_REQUEST, InferReply, InferRequest, InferResult, Topics, WireError,
                          decode_request, encode_reply, error_reply, reply_topic)
-from tomtit.wire.infer import check_correlation, finite_probabilities, reply_address
+from tomtit.wire.infer import DEFAULT_NEW_TOKENS, check_correlation, finite_probabilities, reply_address
 
 log = logging.getLogger("tomtit.serving")
 
@@ -38,6 +44,9 @@ log = logging.getLogger("tomtit.serving")
 # steps of waiting at worst (~6 s at MiniLM's 0.2 s/step here; a Pi 4 is slower), and at most
 # 32 x 128 KiB of texts in memory.
 MAX_QUEUED_REQUESTS = 32
+# Prompts per generation request: 4 x 32 tokens is ~10 s of SmolLM2-135M here without a KV cache,
+# all of it between two training steps; a client with more prompts sends more requests.
+MAX_GENERATE_TEXTS = 4
 
 
 @dataclass(frozen=True)
@@ -83,15 +92,23 @@ class _Pending:
 
 
 class InferenceServer:
-    def __init__(self, config: ServeConfig, *, transport: Transport, load_classifier: Callable[[], Classifier],
+    def __init__(self, config: ServeConfig, *, transport: Transport,
+                 load_classifier: Callable[[], Classifier] | None = None,
+                 load_generator: Callable[[], object] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """Exactly one of `load_classifier` (labels and probabilities) and `load_generator` (a
+        `device_runtime.generation.Generator`: generated text) is given; either is called once,
+        at the first request that needs it."""
+        if (load_classifier is None) == (load_generator is None):
+            raise ValueError("give one of load_classifier and load_generator")
         self.cfg = config
+        self.generates = load_generator is not None
         self.transport = transport
         self.clock = clock
         self.topics = Topics(config.job)
         self.request_topic = self.topics.infer_request(config.device_id)
-        self._load_classifier = load_classifier
-        self._classifier: Classifier | None = None
+        self._load_classifier = load_classifier or load_generator
+        self._classifier = None  # the Classifier or Generator, once loaded
         self._unavailable = ""  # why we can no longer answer ("" while we can)
         self._queue: deque[_Pending] = deque()
         self._warned: set[str] = set()
@@ -128,6 +145,9 @@ class InferenceServer:
             correlation = check_correlation(msg.correlation_data)
         except WireError as e:
             correlation, problem = None, problem or e
+        if problem is None and self.generates and len(request.texts) > MAX_GENERATE_TEXTS:
+            problem = WireError("too_many_texts", f"{len(request.texts)} prompts, limit {MAX_GENERATE_TEXTS} per "
+                                                  "generation request (each token is a run of the model)")
         if problem is not None:
             self._reply_error(topic, correlation, request_id, problem.reason, problem.detail)
         elif self._unavailable:
@@ -145,6 +165,8 @@ class InferenceServer:
         the same batch; one ORT run at most. Returns the number of texts classified."""
         if not self._queue:
             return 0
+        if self.generates:
+            return self._generate(self._queue.popleft(), adapters)
         batch = [self._queue.popleft()]
         kind, n = batch[0].request.adapter, len(batch[0].request.texts)
         while (self._queue and self._queue[0].request.adapter == kind
@@ -188,6 +210,38 @@ class InferenceServer:
                 queued_ms=max(0.0, t0 - p.received_at) * 1000, infer_ms=max(0.0, t1 - t0) * 1000))
         return len(texts)
 
+    def _generate(self, p: _Pending, adapters: AdapterSource) -> int:
+        """One generation request: the greedy continuation of each of its prompts."""
+        kind = p.request.adapter
+        adapter = adapters.served_adapter(kind)
+        if adapter is None:
+            self._reply_error(p.topic, p.correlation, p.request.id, "no_global_model",
+                              "no global model has reached the device yet; ask for the local adapter")
+            return 0
+        t0 = self.clock()
+        generator = self._classifier_or_none()
+        if generator is None:
+            self._reply_error(p.topic, p.correlation, p.request.id, "unavailable", self._unavailable)
+            return 0
+        tokens = p.request.max_new_tokens or DEFAULT_NEW_TOKENS
+        try:
+            texts = tuple(generator.generate(prompt, adapter.params, max_new_tokens=tokens)
+                          for prompt in p.request.texts)
+        except Exception as e:  # noqa: BLE001 - a request must never stop training; logged and answered
+            log.exception("generation failed for a request of %d prompts", len(p.request.texts))
+            self._reply_error(p.topic, p.correlation, p.request.id, "internal", f"generation failed: {e}")
+            return 0
+        t1 = self.clock()
+        self.stats.batches += 1
+        self.stats.texts += len(texts)
+        self.stats.infer_s += max(0.0, t1 - t0)
+        self.stats.answered += 1
+        self._send(p.topic, p.correlation, InferReply(
+            device=self.cfg.device_id, ok=True, id=p.request.id, adapter=kind, version=adapter.version,
+            step=adapter.step, generated=texts, queued_ms=max(0.0, t0 - p.received_at) * 1000,
+            infer_ms=max(0.0, t1 - t0) * 1000))
+        return len(texts)
+
     def close(self, reason: str = "the device is stopping") -> None:
         """Answer what is still queued with "unavailable" (the agent is shutting down)."""
         self._unavailable = reason
@@ -202,7 +256,8 @@ class InferenceServer:
                 "max_queued": s.max_queued, "pending": len(self._queue)}
 
     # -- internals -------------------------------------------------------------------------
-    def _classifier_or_none(self) -> Classifier | None:
+    def _classifier_or_none(self):
+        """The loaded Classifier (or Generator), or None when it cannot be loaded."""
         if self._classifier is None and not self._unavailable:
             try:
                 self._classifier = self._load_classifier()

@@ -64,7 +64,11 @@ class Figures:
     def all(self) -> list[tuple[str, str]]:
         """(file name, caption) of every figure drawn."""
         drawn = []
-        for draw, caption in ((self.accuracy, "global accuracy of the cloud's model over time"),
+        # a causal-LM run has no accuracy: its cloud reports held-out loss instead
+        causal = any(c.heldout_loss for c in self.run.clouds) and not any(c.accuracy for c in self.run.clouds)
+        first = ((self.heldout_loss, "held-out loss of the cloud's model over time") if causal
+                 else (self.accuracy, "global accuracy of the cloud's model over time"))
+        for draw, caption in (first,
                               (self.energy, "cumulative energy per device over time"),
                               (self.sync_intervals, "each device's sync interval, one marker per sync"),
                               (self.bytes_per_tier, "bytes moved per tier"),
@@ -98,6 +102,29 @@ class Figures:
                ylabel="accuracy (fraction correct)")
         ax.legend(loc="lower right")
         return self._save(fig, ax, "accuracy_vs_time.png")
+
+    def heldout_loss(self) -> str | None:
+        """A causal LM: held-out mean token cross-entropy (and unigram F1, when scored) over time."""
+        points = [c for c in self.run.clouds if c.heldout_loss]
+        if not points:
+            self.skipped.append("held-out loss vs time: no cloud summary with a `heldout_loss` list")
+            return None
+        fig, ax = self.plt.subplots(figsize=FIGSIZE)
+        for cloud in points:
+            ax.plot([t for t, _ in cloud.heldout_loss], [v for _, v in cloud.heldout_loss], marker="o", ms=3,
+                    label=f"{cloud.node} (held-out loss)")
+        ax.set(title="Global model: held-out loss (mean token cross-entropy)",
+               xlabel="time since the cloud started (s)", ylabel="loss (nats per token)")
+        scored = [c for c in points if c.unigram_f1]
+        if scored:  # the overlap score on its own axis: 0..1, rising while the loss falls
+            ax2 = ax.twinx()
+            for cloud in scored:
+                ax2.plot([t for t, _ in cloud.unigram_f1], [v for _, v in cloud.unigram_f1], color="tab:green",
+                         ls="--", marker=".", ms=3, label=f"{cloud.node} (unigram F1 of generations)")
+            ax2.set(ylabel="unigram F1 (ROUGE-1)", ylim=(0, 1))
+            ax2.legend(loc="lower left")
+        ax.legend(loc="upper right")
+        return self._save(fig, ax, "heldout_loss_vs_time.png")
 
     def energy(self) -> str | None:
         devices = [d for d in self.run.devices if d.timeline]

@@ -113,6 +113,9 @@ def cloud_blocks(clouds: tuple[NodeRun, ...]) -> list[Block]:
         return [Heading("Cloud"), Paragraph("No cloud summary in this folder.")]
     blocks: list[Block] = [Heading("Cloud")]
     for c in clouds:
+        if c.heldout_loss and not c.accuracy:
+            blocks.append(Bullets(_causal_cloud_lines(c)))
+            continue
         acc = c.accuracy or ()
         if acc:
             best_t, best = max(acc, key=lambda p: p[1])
@@ -126,6 +129,26 @@ def cloud_blocks(clouds: tuple[NodeRun, ...]) -> list[Block]:
             f"{_num(c.accepted)} updates accepted, {_num(c.rejected)} rejected",
         )))
     return blocks
+
+
+def _causal_cloud_lines(c: NodeRun) -> tuple[str, ...]:
+    """A causal-LM cloud: held-out loss (and perplexity) from the base model to the best and last."""
+    import math
+
+    loss = c.heldout_loss
+    best_t, best = min(loss, key=lambda p: p[1])
+    ppl = lambda x: math.exp(min(x, 700.0))  # noqa: E731
+    lines = [f"`{c.node}` stopped: {c.stop_reason or UNKNOWN}, after {_num(c.seconds, 1)} s",
+             f"held-out loss (mean token cross-entropy): {loss[0][1]:.3f} "
+             f"(base model, perplexity {ppl(loss[0][1]):.1f})"
+             f" -> best {best:.3f} (at {best_t:.1f} s, perplexity {ppl(best):.1f}), last {loss[-1][1]:.3f}"]
+    if c.unigram_f1:
+        f1 = c.unigram_f1
+        lines.append(f"unigram F1 of generated text: {f1[0][1]:.3f} -> best {max(v for _, v in f1):.3f}, "
+                     f"last {f1[-1][1]:.3f}")
+    lines.append(f"final global version {_num(c.final_version)}, {_num(c.aggregations)} aggregations, "
+                 f"{_num(c.accepted)} updates accepted, {_num(c.rejected)} rejected")
+    return tuple(lines)
 
 
 def device_blocks(devices: tuple[DeviceRun, ...], notes: list[str]) -> list[Block]:

@@ -68,6 +68,10 @@ class NodeRun:
     push_times: tuple[float, ...] | None  # seconds since started_at
     accuracy: tuple[tuple[float, float], ...] | None  # (seconds since started_at, held-out accuracy)
     seconds: float | None
+    # a causal-LM run: (seconds since started_at, held-out mean token cross-entropy in nats), and the
+    # unigram F1 of generations where the cloud scored them; None for classifier runs and older summaries
+    heldout_loss: tuple[tuple[float, float], ...] | None = None
+    unigram_f1: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,8 @@ def node_from_summary(raw: dict, source: str) -> NodeRun:
         duplicates=_int(raw, "duplicates"), rejected=int(rejected) if _is_number(rejected) else None,
         bytes_in=_int(raw, "bytes_in"), bytes_out=_int(raw, "bytes_out"), pushes_up=_int(raw, "pushes_up"),
         push_times=_numbers(raw, "push_times"), accuracy=_accuracy(raw.get("accuracy")),
-        seconds=_float(raw, "seconds"))
+        seconds=_float(raw, "seconds"), heldout_loss=_series(raw.get("heldout_loss"), "loss"),
+        unigram_f1=_series(raw.get("heldout_loss"), "unigram_f1") or None)
 
 
 def _energy_kind(raw: dict) -> str | None:
@@ -172,10 +177,15 @@ def _energy_timeline(points: Any) -> tuple[tuple[float, float], ...] | None:
 
 
 def _accuracy(points: Any) -> tuple[tuple[float, float], ...] | None:
+    return _series(points, "accuracy")
+
+
+def _series(points: Any, key: str) -> tuple[tuple[float, float], ...] | None:
+    """(t, value) of each well-formed {"t": ..., key: ...} point; None when there is no list."""
     if not isinstance(points, list):
         return None
-    return tuple((float(p["t"]), float(p["accuracy"])) for p in points
-                 if isinstance(p, dict) and _is_number(p.get("t")) and _is_number(p.get("accuracy")))
+    return tuple((float(p["t"]), float(p[key])) for p in points
+                 if isinstance(p, dict) and _is_number(p.get("t")) and _is_number(p.get(key)))
 
 
 def _is_number(x: Any) -> bool:

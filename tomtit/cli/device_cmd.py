@@ -17,7 +17,8 @@ def register(p: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", help="train locally and sync autonomously with the parent node")
     config_file.enable(r, prog="tomtit device run")  # --config FILE: every option below, flags override it
     r.add_argument("--bundle", required=True, type=Path)
-    r.add_argument("--data", required=True, help="this device's JSONL/CSV examples")
+    r.add_argument("--data", required=True, help="this device's JSONL/CSV examples (causal-LM bundle: JSONL with "
+                                                 "prompt/response or text rows, e.g. a `tomtit data split` file)")
     r.add_argument("--parent", help="id of the node (edge) to sync with (default: the credentials')")
     r.add_argument("--id", help="this device's id, unique in the job (default: the credentials')")
     add_broker_args(r)
@@ -61,11 +62,9 @@ def run(args: argparse.Namespace) -> int:
     config_file.resolve(args)  # --config values where no flag was given; checks --bundle and --data
     from device_runtime.agent import DeviceAgent, DeviceConfig
     from device_runtime.energy import detect_meter
-    from device_runtime.local_data import BatchStream, encode_dataset
+    from device_runtime.local_data import BatchStream, encode_for_bundle
     from device_runtime.scheduler import make_scheduler
-    from device_runtime.text import TextEncoder
     from device_runtime.trainer import TrainerConfig, make_trainer, open_training_bundle
-    from tomtit.data import load_dataset
     from tomtit.mqtt import MqttTransport
     from tomtit.transport import Will
     from tomtit.cli import CliError
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can fail on bad input fails here, before we touch the broker.
     bundle, backend = open_training_bundle(args.bundle, args.backend)
     m = bundle.manifest
-    data = encode_dataset(load_dataset(args.data), TextEncoder(bundle.path("tokenizer"), m.max_length), m)
+    data = encode_for_bundle(args.data, bundle)  # classifier: text+label; causal LM: prompt/response or text
     emulated = _emulated_board(args, m.max_length)
     meter = emulated.meter if emulated else detect_meter(args.energy)
     trainer = make_trainer(bundle, TrainerConfig(threads=args.threads, learning_rate=args.lr, memory=args.memory), backend)
@@ -146,22 +145,35 @@ def run(args: argparse.Namespace) -> int:
 
 def _inference_server(args: argparse.Namespace, transport, log):
     """The server for inference requests, or None (with a warning) when the bundle has no
-    inference model: serving is on by default and must never keep a device from training."""
+    inference model: serving is on by default and must never keep a device from training.
+    A causal-LM bundle answers with generated text (its prompts are the request's texts)."""
     from device_runtime.bundle import open_bundle
     from device_runtime.inference import Classifier
     from device_runtime.serving import InferenceServer, ServeConfig
     from tomtit.manifest import BundleError
     from tomtit.wire import Topics
 
+    files = open_bundle(args.bundle, roles=(), verify=False).manifest
+    causal = files.task == "causal-lm"
+    # a causal LM generates with its KV-cache graph where the bundle has one; its frozen weights are
+    # in the shared file the trainer verified
+    roles = ("inference_model", "tokenizer") + (("generation_model",) if "generation_model" in files.files else ())
     try:
-        bundle = open_bundle(args.bundle, roles=("inference_model", "tokenizer"))
+        bundle = open_bundle(args.bundle, roles=roles)
     except BundleError as e:
         log.warning("not serving inference requests: %s", e)
         return None
-    log.info("serving inference requests on %s", Topics(args.job).infer_request(args.id))
+    log.info("serving %s requests on %s", "generation" if causal else "inference",
+             Topics(args.job).infer_request(args.id))
+    config = ServeConfig(device_id=args.id, job=args.job)
+    if causal:
+        from device_runtime.generation import Generator
+
+        # one lean ORT session with one thread, created at the first request, like the classifier's
+        return InferenceServer(config, transport=transport, load_generator=lambda: Generator(bundle, threads=1))
     # one lean ORT session with one thread, created at the first request (a device nobody asks pays
     # nothing; MiniLM-L6: ~120 MB once asked)
-    return InferenceServer(ServeConfig(device_id=args.id, job=args.job), transport=transport,
+    return InferenceServer(config, transport=transport,
                            load_classifier=lambda: Classifier(bundle, threads=1, memory="lean"))
 
 

@@ -1,5 +1,7 @@
 """`tomtit infer`: classify texts on the device (plain ONNX Runtime, no torch), or ask a running
-device to classify them over MQTT (`--remote DEVICE_ID`: served inference, tomtit.wire.infer)."""
+device to classify them over MQTT (`--remote DEVICE_ID`: served inference, tomtit.wire.infer).
+A device training a causal LM answers a remote request with generated text: the texts are its
+prompts (`--max-new-tokens`)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +24,9 @@ def register(p: argparse.ArgumentParser) -> None:
                         help="global: the latest model the device adopted from its parent (default); "
                              "local: the device's own adapter as trained so far")
     remote.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
+    remote.add_argument("--max-new-tokens", type=int,
+                        help="a device training a causal LM: tokens to generate per prompt (1..128; the device's "
+                             "default: 32); a classifier device ignores it")
     add_broker_args(remote)
     p.add_argument("texts", nargs="+", metavar="TEXT")
 
@@ -35,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         if args.adapter is not None:
             raise CliError("--adapter is a local adapter file; with --remote choose --adapter-kind global|local")
         return _run_remote(args)
-    if args.broker is not None or args.credentials is not None:
-        raise CliError("--broker and --credentials go with --remote DEVICE_ID")
+    if args.broker is not None or args.credentials is not None or args.max_new_tokens is not None:
+        raise CliError("--broker, --credentials and --max-new-tokens go with --remote DEVICE_ID "
+                       "(generate here: tomtit generate --bundle B)")
 
     from device_runtime.adapter import load_adapter
     from device_runtime.bundle import open_bundle
@@ -86,7 +92,8 @@ def _run_remote(args: argparse.Namespace) -> int:
         if sent != tuple(args.texts):
             print(f"tomtit infer: texts longer than {MAX_TEXT_CHARS} characters were cut to their first "
                   f"{MAX_TEXT_CHARS} (the device's limit)", file=sys.stderr)
-        payload = encode_request(InferRequest(texts=sent, adapter=args.adapter_kind, reply_to=reply_to, id=token))
+        payload = encode_request(InferRequest(texts=sent, adapter=args.adapter_kind, reply_to=reply_to, id=token,
+                                              max_new_tokens=args.max_new_tokens))
     except WireError as e:
         raise CliError(str(e)) from None
     transport = MqttTransport(options).start()
@@ -110,6 +117,9 @@ def _run_remote(args: argparse.Namespace) -> int:
                 continue  # not the answer to this request
             if not reply.ok:
                 raise CliError(f"device {device} answered {reply.error}: {reply.detail}")
+            if reply.generated:
+                _print_generated(args, reply)
+                return 0
             preds = [Prediction(text, r.label, reply.probabilities(i))
                      for i, (text, r) in enumerate(zip(args.texts, reply.results))]
             extra = {"device": reply.device, "adapter": reply.adapter, "version": reply.version, "step": reply.step,
@@ -124,3 +134,17 @@ def _run_remote(args: argparse.Namespace) -> int:
                        f"publish requests?)")
     finally:
         transport.close()
+
+
+def _print_generated(args: argparse.Namespace, reply) -> None:
+    """A causal-LM device's answer: each prompt's generated continuation."""
+    rows = [{"prompt": p, "text": t} for p, t in zip(args.texts, reply.generated)]
+    if args.json:
+        print(json.dumps({"device": reply.device, "adapter": reply.adapter, "version": reply.version,
+                          "step": reply.step, "queued_ms": reply.queued_ms, "infer_ms": reply.infer_ms,
+                          "generations": rows}))
+        return
+    print(f"{reply.device}: {reply.adapter} adapter, global version {reply.version}, step {reply.step}; "
+          f"{reply.queued_ms:.0f} ms queued, {reply.infer_ms:.0f} ms generating", file=sys.stderr)
+    for r in rows:
+        print(r["text"] if len(rows) == 1 else f"{r['prompt'][:40]!r} -> {r['text']}")

@@ -41,9 +41,21 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="cloud: the codec children encode updates with (published)")
     r.add_argument("--config-timeout", type=float, default=120.0,
                    help="edge: seconds to wait for the run configuration the cloud publishes")
-    r.add_argument("--eval-data", help="cloud: held-out JSONL/CSV to evaluate each global model on")
-    r.add_argument("--eval-max", type=int, default=1000)
-    r.add_argument("--target-accuracy", type=float)
+    r.add_argument("--eval-data", help="cloud: held-out JSONL/CSV to evaluate each global model on (causal-LM "
+                                        "bundle: JSONL prompt/response or text rows, e.g. a split's test.jsonl; "
+                                        "scored by mean token cross-entropy and perplexity)")
+    r.add_argument("--eval-max", type=int, default=1000,
+                   help="evaluate on N held-out examples (classifier: the first N; causal LM: N evenly spaced rows, "
+                        "since a split's test file is grouped by category)")
+    r.add_argument("--target-accuracy", type=float, help="classifier bundle: finish at this held-out accuracy")
+    r.add_argument("--target-loss", type=float,
+                   help="causal-LM bundle: finish once the held-out loss (mean token cross-entropy, nats) is at "
+                        "most this")
+    r.add_argument("--eval-generate", type=int, default=0, metavar="N",
+                   help="causal-LM bundle: also generate greedily for the first N held-out prompt/response examples "
+                        "and score unigram F1 (ROUGE-1) against their responses (default 0: off)")
+    r.add_argument("--eval-new-tokens", type=int, default=24,
+                   help="with --eval-generate: tokens to generate per prompt")
     r.add_argument("--max-minutes", type=float)
     r.add_argument("--state-dir", type=Path, help="checkpoints and outbox (default: ./state/JOB/ID)")
     r.add_argument("--summary", type=Path, help="write the run summary JSON here when stopping")
@@ -81,6 +93,20 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--target-accuracy needs --eval-data")
     bundle = open_bundle(args.bundle, roles=("initial_adapter", "inference_model", "tokenizer"))
     m = bundle.manifest
+    _check_eval_options(args, causal=m.task == "causal-lm")
+    observers = []  # built before the broker: bad held-out data fails here, not after connecting
+    if args.eval_data and m.task == "causal-lm":
+        observers.append(_causal_evaluator(args, log))
+    elif args.eval_data:
+        from device_runtime.inference import Classifier
+        from device_runtime.local_data import encode_dataset
+        from tomtit.data import load_dataset
+
+        clf = Classifier(bundle, threads=args.threads)
+        data = encode_dataset(load_dataset(args.eval_data), clf.encoder, m)
+        n = min(len(data), args.eval_max)
+        observers.append(EvaluateAndStop(Evaluator(clf, data.input_ids[:n], data.attention_mask[:n], data.labels[:n]),
+                                         args.target_accuracy))
     topics = Topics(args.job)
     will = Will(topics.status(args.id), encode_presence(Presence(id=args.id, state="offline", role="node",
                                                                   version=0, ts=0.0)))
@@ -120,17 +146,6 @@ def run(args: argparse.Namespace) -> int:
         if args.children and args.k is None:  # a node with fewer children than K would wait for its timer
             opts["k_updates"] = min(run_config.k_updates, args.children)
     buffer = make_strategy(args.strategy, expected_children=args.children, **opts)
-    observers = []
-    if args.eval_data:
-        from device_runtime.inference import Classifier
-        from device_runtime.local_data import encode_dataset
-        from tomtit.data import load_dataset
-
-        clf = Classifier(bundle, threads=args.threads)
-        data = encode_dataset(load_dataset(args.eval_data), clf.encoder, m)
-        n = min(len(data), args.eval_max)
-        observers.append(EvaluateAndStop(Evaluator(clf, data.input_ids[:n], data.attention_mask[:n], data.labels[:n]),
-                                         args.target_accuracy))
     scheduler = make_scheduler(args.scheduler or run_config.edge_scheduler) if args.parent else None
     config = NodeConfig(node_id=args.id, parent=args.parent, job=args.job, max_update_norm=args.max_norm,
                         max_minutes=args.max_minutes, up_codec=run_config.up_codec)
@@ -154,3 +169,66 @@ def run(args: argparse.Namespace) -> int:
             save_adapter(args.save_model, node.model, m, version=str(node.version), node=args.id, job=args.job)
     log.info("stopped (%s) at version %d", node.stats.stop_reason, node.version)
     return 0
+
+
+def _check_eval_options(args: argparse.Namespace, *, causal: bool) -> None:
+    """The stop target that fits the bundle's task, and the options that go with it."""
+    import math
+
+    from tomtit.cli import CliError
+
+    if causal and args.target_accuracy is not None:
+        raise CliError("--target-accuracy is for classifier bundles; this bundle is a causal LM: stop a run "
+                       "with --target-loss (held-out mean token cross-entropy)")
+    if not causal and args.target_loss is not None:
+        raise CliError("--target-loss is for causal-LM bundles; a classifier run stops at --target-accuracy")
+    if not causal and args.eval_generate:
+        raise CliError("--eval-generate scores generated text: it needs a causal-LM bundle")
+    if args.target_loss is not None:
+        if args.eval_data is None:
+            raise CliError("--target-loss needs --eval-data")
+        if not (math.isfinite(args.target_loss) and args.target_loss > 0):
+            raise CliError(f"--target-loss must be a positive number of nats, not {args.target_loss}")
+    if args.eval_generate and args.eval_data is None:
+        raise CliError("--eval-generate needs --eval-data")
+    if args.eval_generate < 0 or not 1 <= args.eval_new_tokens <= 256 or args.eval_max < 1:
+        raise CliError("--eval-generate must be >= 0, --eval-new-tokens in 1..256 and --eval-max >= 1")
+
+
+def _causal_evaluator(args: argparse.Namespace, log):
+    """Held-out loss from the bundle's full-sequence inference graph (device_runtime, no torch),
+    plus, with --eval-generate, a unigram-F1 score of greedy generations on a fixed subset."""
+    import numpy as np
+
+    from device_runtime.bundle import open_bundle
+    from device_runtime.inference import Classifier, TokenLoss
+    from device_runtime.local_data import encode_lm_dataset
+    from edge_broker.observers import GenerationScore, HeldOutLossAndStop
+    from tomtit.cli import CliError
+    from tomtit.lm_data import load_lm_dataset
+
+    # the inference graph keeps its frozen weights in the shared external file: verify it too
+    roles = ("inference_model", "tokenizer", "weights")
+    if args.eval_generate and "generation_model" in open_bundle(args.bundle, roles=(), verify=False).manifest.files:
+        roles += ("generation_model",)  # the KV-cache graph the generator runs
+    bundle = open_bundle(args.bundle, roles=roles)
+    ds = load_lm_dataset(args.eval_data)
+    data = encode_lm_dataset(ds, bundle.path("tokenizer"), bundle.manifest)
+    n = min(len(data), args.eval_max)
+    # evenly spaced rows, not the first n: a split's test.jsonl is grouped by category, and the
+    # first rows of a BBC split are all business news
+    pick = np.unique(np.linspace(0, len(data) - 1, n).round().astype(np.int64))
+    loss = TokenLoss(Classifier(bundle, threads=args.threads, memory="lean"),
+                     data.input_ids[pick], data.attention_mask[pick], data.labels[pick])
+    score = None
+    if args.eval_generate:
+        pairs = [(ds.prompts[i], ds.responses[i]) for i in pick if ds.prompts[i]][:args.eval_generate]
+        if not pairs:
+            raise CliError(f"--eval-generate: {args.eval_data} has no prompt/response rows among the {n} evaluated")
+        from device_runtime.generation import Generator
+
+        gen = Generator(bundle, threads=args.threads)
+        score = GenerationScore(gen, [p for p, _ in pairs], [r for _, r in pairs], max_new_tokens=args.eval_new_tokens)
+    log.info("evaluating each global model on %d held-out examples (%d scored tokens)%s", len(pick), loss.tokens,
+             f", generating for {len(score.prompts)}" if score else "")
+    return HeldOutLossAndStop(loss, args.target_loss, score)

@@ -5,6 +5,7 @@ member:
     12:00:03 dev00 device online v5 loss 0.812 energy 12.3 J emulated:pi4 since-sync 3 last 7 (reason) \
 out 0 acked 4 rej 0 age 1s parent edge0
     12:00:03 cloud accuracy ▁▃▅▆ 0.812 (4 models)
+    12:00:03 cloud held-out loss █▆▃▁ 3.412 ppl 30.3 (4 models)      (a causal-LM run)
     12:00:03 monitor broker mqtt://… job J link connected messages 120 malformed 0 members 4 up 00:00:30
 
 Live, a tick prints only what changed since the last one; a snapshot (--once) prints everything.
@@ -15,7 +16,7 @@ import sys
 import time
 from typing import TextIO
 
-from tomtit.monitor.rows import DASH, Row, Session, accuracy_lines, header, rows
+from tomtit.monitor.rows import DASH, Row, Session, accuracy_lines, header, loss_lines, rows
 from tomtit.monitor.state import FleetState
 
 
@@ -37,9 +38,14 @@ def accuracy_line(now: float, ident: str, spark: str, latest: str, points: int) 
     return f"{clock(now)} {ident} accuracy {spark} {latest} ({points} models)"
 
 
+def loss_line(now: float, ident: str, spark: str, latest: str, points: int) -> str:
+    return f"{clock(now)} {ident} held-out loss {spark} {latest} ({points} models)"
+
+
 def snapshot(session: Session, state: FleetState, now: float) -> list[str]:
     return ([header_line(session, state, now)]
             + [accuracy_line(now, *a) for a in accuracy_lines(state)]
+            + [loss_line(now, *a) for a in loss_lines(state)]
             + [row_line(r, now) for r in rows(state, now)])
 
 
@@ -51,6 +57,7 @@ class PlainSink:
         self.out = out or sys.stdout
         self._seen_rows: dict[str, tuple[str, ...]] = {}
         self._seen_accuracy: dict[str, str] = {}
+        self._seen_loss: dict[str, str] = {}
         self._seen_header: tuple[str, ...] = ()
 
     def __enter__(self) -> "PlainSink":
@@ -69,6 +76,10 @@ class PlainSink:
             if self._seen_accuracy.get(a[0]) != a[2] + str(a[3]):
                 self._seen_accuracy[a[0]] = a[2] + str(a[3])
                 lines.append(accuracy_line(now, *a))
+        for a in loss_lines(state):
+            if self._seen_loss.get(a[0]) != a[2] + str(a[3]):
+                self._seen_loss[a[0]] = a[2] + str(a[3])
+                lines.append(loss_line(now, *a))
         for r in rows(state, now):
             if self._seen_rows.get(r.id) != r.facts():
                 self._seen_rows[r.id] = r.facts()

@@ -88,7 +88,9 @@ def row(m: Member, now: float, *, depth: int = 0, group: str = "tree") -> Row:
         parent=printable(m.parent or DASH),
         state=m.presence.state if m.presence is not None else DASH,
         version=_int(version),
-        loss=_num(m.get("loss", (int, float)), "{:.3f}"),
+        # a causal-LM cloud's loss column: its held-out loss (no node sends "loss" of its own)
+        loss=_num(m.get("loss", (int, float)) if m.get("loss", (int, float)) is not None
+                  else m.get("heldout_loss", (int, float)), "{:.3f}"),
         joules=_num(m.get("joules", (int, float)), "{:,.1f}"),
         energy=energy_label(m),
         since_sync=_int(m.get("steps_since_sync", int)),
@@ -143,6 +145,21 @@ def accuracy_lines(state: FleetState, *, width: int = 40) -> list[tuple[str, str
     """(node id, sparkline, latest accuracy, number of points) per node reporting accuracy."""
     return [(ident, sparkline([p.accuracy for p in points], width=width), f"{points[-1].accuracy:.3f}", len(points))
             for ident, points in state.accuracy_series()]
+
+
+def loss_lines(state: FleetState, *, width: int = 40) -> list[tuple[str, str, str, int]]:
+    """(node id, sparkline, latest loss and perplexity, number of points) per node reporting a
+    held-out loss (a causal-LM cloud). A loss has no fixed scale: the sparkline spans the shown
+    points' own range (lowest ▁, highest █), so a falling loss draws a falling line."""
+    out = []
+    for ident, points in state.loss_series():
+        shown = [p.loss for p in points[-width:]] if width > 0 else []
+        lo, hi = (min(shown), max(shown)) if shown else (0.0, 1.0)
+        spark = sparkline(shown, lo=lo, hi=hi if hi > lo else lo + 1.0, width=width)
+        last = points[-1]
+        latest = f"{last.loss:.3f}" + (f" ppl {last.perplexity:.1f}" if last.perplexity is not None else "")
+        out.append((ident, spark, latest, len(points)))
+    return out
 
 
 def truncate(text: str | None, limit: int = REASON_CHARS) -> str:

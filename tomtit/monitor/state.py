@@ -23,6 +23,14 @@ class AccuracyPoint:
     accuracy: float
 
 
+@dataclass(frozen=True)
+class LossPoint:
+    seen: float  # when the monitor received it
+    version: int | None
+    loss: float  # a causal LM's held-out mean token cross-entropy (nats)
+    perplexity: float | None
+
+
 @dataclass
 class Member:
     """One device or node of the job, as its last messages describe it."""
@@ -32,6 +40,7 @@ class Member:
     telemetry: dict[str, TelemetryValue] = field(default_factory=dict)  # the latest message, whole
     last_seen: float | None = None  # when the monitor last received anything from it
     accuracy: list[AccuracyPoint] = field(default_factory=list)  # the cloud's held-out accuracy over time
+    heldout_loss: list[LossPoint] = field(default_factory=list)  # a causal-LM cloud's held-out loss over time
 
     def get(self, key: str, kind: type | tuple[type, ...]) -> TelemetryValue | None:
         """A telemetry value of the expected type, else None: old publishers lack new keys, and a
@@ -112,6 +121,7 @@ class FleetState:
         member = self._member(ident, now)
         member.telemetry = values  # each message is complete: a key it drops is no longer true
         self._note_accuracy(member, now)
+        self._note_loss(member, now)
         return ident
 
     def _note_accuracy(self, member: Member, now: float) -> None:
@@ -125,6 +135,18 @@ class FleetState:
         if last is None or (last.version, last.accuracy) != (version, float(acc)):
             member.accuracy.append(AccuracyPoint(now, version, float(acc)))
             del member.accuracy[:-MAX_ACCURACY_POINTS]
+
+    def _note_loss(self, member: Member, now: float) -> None:
+        # a causal-LM cloud reports held-out loss instead of accuracy: one point per new model, likewise
+        loss = member.get("heldout_loss", (int, float))
+        if loss is None:
+            return
+        version = member.get("version", int)
+        last = member.heldout_loss[-1] if member.heldout_loss else None
+        if last is None or (last.version, last.loss) != (version, float(loss)):
+            ppl = member.get("perplexity", (int, float))
+            member.heldout_loss.append(LossPoint(now, version, float(loss), None if ppl is None else float(ppl)))
+            del member.heldout_loss[:-MAX_ACCURACY_POINTS]
 
     def _member(self, ident: str, now: float) -> Member:
         member = self.members.setdefault(ident, Member(ident))
@@ -159,3 +181,7 @@ class FleetState:
     def accuracy_series(self) -> list[tuple[str, list[AccuracyPoint]]]:
         """(node id, its accuracy history) for every node that reports accuracy (the cloud)."""
         return [(i, m.accuracy) for i, m in sorted(self.members.items()) if m.accuracy]
+
+    def loss_series(self) -> list[tuple[str, list[LossPoint]]]:
+        """(node id, its held-out loss history) for every node that reports one (a causal-LM cloud)."""
+        return [(i, m.heldout_loss) for i, m in sorted(self.members.items()) if m.heldout_loss]

@@ -1,6 +1,6 @@
-"""The rich dashboard: a header, the cloud's accuracy sparkline, and one table row per member in
-tree order (cloud -> edges -> devices, then "unattached"). Only this module imports rich (the
-`monitor` extra); the plain lines work without it."""
+"""The rich dashboard: a header, the cloud's accuracy sparkline (a causal LM: its held-out loss),
+and one table row per member in tree order (cloud -> edges -> devices, then "unattached"). Only
+this module imports rich (the `monitor` extra); the plain lines work without it."""
 from __future__ import annotations
 
 from rich.console import Console, Group, RenderableType
@@ -8,7 +8,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tomtit.monitor.rows import Row, Session, accuracy_lines, header, rows, truncate
+from tomtit.monitor.rows import Row, Session, accuracy_lines, header, loss_lines, rows, truncate
 from tomtit.monitor.state import FleetState
 
 STATE_STYLE = {"online": "bold green", "offline": "bold red", "finished": "bold blue"}
@@ -23,7 +23,8 @@ MALFORMED_CHARS = 160
 
 
 def render(session: Session, state: FleetState, now: float) -> RenderableType:
-    return Group(_header(session, state, now), *_malformed(state), *_accuracy(state), _table(rows(state, now)))
+    return Group(_header(session, state, now), *_malformed(state), *_accuracy(state), *_loss(state),
+                 _table(rows(state, now)))
 
 
 def _header(session: Session, state: FleetState, now: float) -> Text:
@@ -51,6 +52,17 @@ def _accuracy(state: FleetState) -> list[Text]:
     out = []
     for ident, spark, latest, points in accuracy_lines(state):
         line = Text(f"{ident} accuracy ", style="dim")
+        line.append(spark, style="cyan")
+        line.append(f" {latest}", style="bold")
+        line.append(f"  ({points} models)", style="dim")
+        out.append(line)
+    return out
+
+
+def _loss(state: FleetState) -> list[Text]:
+    out = []
+    for ident, spark, latest, points in loss_lines(state):
+        line = Text(f"{ident} held-out loss ", style="dim")
         line.append(spark, style="cyan")
         line.append(f" {latest}", style="bold")
         line.append(f"  ({points} models)", style="dim")

@@ -1,10 +1,16 @@
 """Served inference: a client's request to a device and the device's reply (small JSON).
 
     request  tomtit/{job}/infer/{device}/request          client -> device, QoS 1
-             {"texts": [...], "adapter": "global"|"local", "reply_to": TOPIC, "id": ID}
+             {"texts": [...], "adapter": "global"|"local", "reply_to": TOPIC, "id": ID,
+              "max_new_tokens": N (optional; a causal-LM device only)}
     reply    tomtit/{job}/infer/{device}/reply/{token}    device -> client, QoS 0
              {"device", "id", "ok": true, "adapter", "version", "step", "labels", "results": [...]}
+             {"device", "id", "ok": true, "adapter", "version", "step", "generated": [...]}  (causal LM)
              {"device", "id", "ok": false, "error": REASON, "detail"}
+
+A classifier device answers labels and probabilities; a causal-LM device reads the texts as
+prompts and answers the greedy continuation of each (`generated`, one string per text). A
+classifier device ignores max_new_tokens (older devices ignore unknown keys anyway).
 
 The reply topic comes from the request's `reply_to` (MQTT 3.1.1), or from MQTT 5's Response
 Topic property (which wins when both are given); either way it must be one of this device's own
@@ -47,6 +53,15 @@ MAX_CORRELATION_BYTES = 256  # MQTT 5 Correlation Data is the client's own opaqu
 # The head of a payload where `reply_topic_hint` looks for "reply_to" when the whole cannot be
 # decoded (too large, not JSON): `encode_request` sorts keys, so it comes before the texts.
 HINT_BYTES = 1024
+# Generation is served between two training steps like a classification batch, but each token is
+# one run of the model (SmolLM2-135M here: ~70-120 ms a token without a KV cache): 128 tokens hold
+# training for seconds, and a headline or a short answer needs far fewer. Default: 32, as
+# `tomtit generate`.
+MAX_NEW_TOKENS = 128
+DEFAULT_NEW_TOKENS = 32
+# A generated text is at most MAX_NEW_TOKENS tokens; a token decodes to a few characters (a
+# byte-level BPE token is at most ~16 bytes): 4,096 characters bound it with room to spare.
+MAX_GENERATED_CHARS = 4096
 _HINT_RE = re.compile(rb'"reply_to"\s*:\s*"([A-Za-z0-9_./-]{1,400})"')
 
 
@@ -77,10 +92,15 @@ class InferRequest:
     adapter: str = "global"  # "global" | "local"
     reply_to: str = ""  # the reply topic; "" when MQTT 5's Response Topic carries it
     id: str = ""  # the client's correlation id, echoed in the reply
+    max_new_tokens: int | None = None  # causal-LM devices: tokens to generate per text (None: DEFAULT_NEW_TOKENS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "texts", _check_texts(self.texts))
         _check_adapter(self.adapter)
+        n = self.max_new_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS):
+            raise WireError("bad_max_new_tokens", f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, "
+                                                  f"got {_short(repr(n), 40)}")
         if not isinstance(self.reply_to, str) or len(self.reply_to) > 512:
             raise WireError("bad_schema", "reply_to must be a topic string of at most 512 characters")
         _str_field(self.id, "id", _ID_RE, empty_ok=True)
@@ -92,6 +112,8 @@ def encode_request(request: InferRequest) -> bytes:
         obj["reply_to"] = request.reply_to
     if request.id:
         obj["id"] = request.id
+    if request.max_new_tokens is not None:
+        obj["max_new_tokens"] = request.max_new_tokens
     return _json_encode(obj, MAX_REQUEST_BYTES)
 
 
@@ -102,7 +124,8 @@ def decode_request(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> InferRequ
     if "texts" not in obj:
         raise WireError("bad_schema", "a request lacks texts")
     return InferRequest(texts=obj["texts"], adapter=obj.get("adapter", "global"),
-                        reply_to=obj.get("reply_to", ""), id=obj.get("id", ""))
+                        reply_to=obj.get("reply_to", ""), id=obj.get("id", ""),
+                        max_new_tokens=obj.get("max_new_tokens"))
 
 
 def reply_topic(topics: Topics, device: str, *, reply_to: str = "", response_topic: str | None = None) -> str:
@@ -170,6 +193,7 @@ class InferReply:
     step: int = 0  # the device's training steps so far (how far "local" has moved)
     labels: tuple[str, ...] = ()
     results: tuple[InferResult, ...] = ()
+    generated: tuple[str, ...] = ()  # a causal-LM device's answer: one continuation per text (then no labels/results)
     queued_ms: float = 0.0  # waiting on the device for a gap between training steps
     infer_ms: float = 0.0  # the inference batch this request was part of
 
@@ -190,6 +214,9 @@ class InferReply:
         if self.error:
             raise WireError("bad_schema", "an ok reply carries no error")
         _check_adapter(self.adapter)
+        if self.generated:
+            self._check_generated()
+            return
         labels = self.labels
         if (not isinstance(labels, (list, tuple)) or not 1 <= len(labels) <= MAX_LABELS
                 or not all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels)):
@@ -199,6 +226,16 @@ class InferReply:
         if not isinstance(results, (list, tuple)) or not 1 <= len(results) <= MAX_TEXTS_PER_REQUEST:
             raise WireError("bad_schema", f"results must hold 1..{MAX_TEXTS_PER_REQUEST} entries")
         object.__setattr__(self, "results", tuple(self._result(r) for r in results))
+
+    def _check_generated(self) -> None:
+        gen = self.generated
+        if not isinstance(gen, (list, tuple)) or not 1 <= len(gen) <= MAX_TEXTS_PER_REQUEST:
+            raise WireError("bad_schema", f"generated must hold 1..{MAX_TEXTS_PER_REQUEST} strings")
+        if not all(isinstance(g, str) and len(g) <= MAX_GENERATED_CHARS for g in gen):
+            raise WireError("bad_schema", f"generated must be strings of at most {MAX_GENERATED_CHARS} characters")
+        if self.labels or self.results:
+            raise WireError("bad_schema", "a reply carries either generated texts or labels and results, not both")
+        object.__setattr__(self, "generated", tuple(gen))
 
     def _result(self, r: object) -> InferResult:
         if isinstance(r, InferResult):
@@ -221,7 +258,10 @@ class InferReply:
 
 def encode_reply(reply: InferReply) -> bytes:
     obj: dict[str, Any] = {"device": reply.device, "ok": reply.ok, "id": reply.id}
-    if reply.ok:
+    if reply.ok and reply.generated:
+        obj.update(adapter=reply.adapter, version=reply.version, step=reply.step, generated=list(reply.generated),
+                   queued_ms=round(reply.queued_ms, 3), infer_ms=round(reply.infer_ms, 3))
+    elif reply.ok:
         obj.update(adapter=reply.adapter, version=reply.version, step=reply.step, labels=list(reply.labels),
                    results=[{"label": r.label, "probabilities": list(r.probabilities)} for r in reply.results],
                    queued_ms=round(reply.queued_ms, 3), infer_ms=round(reply.infer_ms, 3))
