@@ -5,6 +5,13 @@ export (once) -> non-IID split -> broker (embedded amqtt by default) -> cloud ->
 reaches the target accuracy or its time limit -> summary, report (plots), the final adapter in
 PEFT format, and a few held-out texts classified on the device runtime with it.
 Every process is the same `tomtit` command a field deployment runs; logs go to OUT/logs/.
+
+With causal-LM data (`--model smollm2-135m --data bbc-headlines`, or a causal-LM folder and a
+prompt/response JSONL) the same federation fine-tunes a language model: smaller by default (one
+edge, three devices, no board emulation: a SmolLM2 step takes ~1.3 s on this machine, longer than
+the boards' profiles assume), the cloud scores held-out loss and stops at `--target-loss`, and the
+finale generates a few held-out headlines on the device runtime with the base model and with the
+final adapter, next to the real ones.
 """
 from __future__ import annotations
 
@@ -20,15 +27,29 @@ import time
 from pathlib import Path
 
 
+# Defaults that differ between the classifier demo and the causal-LM one (None in the parser).
+CLASSIFY_DEFAULTS = {"model": "minilm-l6", "out": Path("runs/demo"), "devices": 4, "edges": 2, "max_len": 32,
+                     "lr": 2e-3, "max_minutes": 15.0, "profiles": "pi4:2,pi5:1,orin-nano:1"}
+# SmolLM2: 3 devices (~1.5 GB each, lean profile) + the cloud's evaluator fit this machine's memory
+# and its 2 cores; 64 tokens hold an article's start and its headline; 12 min bounds the run.
+CAUSAL_DEFAULTS = {"model": "smollm2-135m", "out": Path("runs/demo-lm"), "devices": 3, "edges": 1, "max_len": 64,
+                   "lr": 2e-3, "max_minutes": 12.0, "profiles": "none"}
+
+
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm-l6", help="minilm-l6 | PATH to a BERT-family folder")
-    p.add_argument("--data", default="bbc-news")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--edges", type=int, default=2)
+    p.add_argument("--model", help="minilm-l6 (default) | PATH to a BERT-family folder; with causal-LM --data: "
+                                   "smollm2-135m | PATH to a causal-LM folder or .gguf")
+    p.add_argument("--data", default="bbc-news", help="bbc-news | PATH (classifier); bbc-headlines | PATH.jsonl "
+                                                      "with prompt/response rows (causal LM)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/demo; causal LM: runs/demo-lm); the "
+                                            "bundle and the split in it are reused by the next run")
+    p.add_argument("--bundle", type=Path, help="use this exported bundle instead of exporting one into OUT/bundle")
+    p.add_argument("--devices", type=int, help="default 4 (causal LM: 3)")
+    p.add_argument("--edges", type=int, help="default 2 (causal LM: 1)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew over devices")
-    p.add_argument("--max-len", type=int, default=32,
-                   help="tokens per text (32 keeps 4 devices + 2 edges + cloud responsive on 2 cores)")
+    p.add_argument("--max-len", type=int,
+                   help="tokens per text (default 32: keeps 4 devices + 2 edges + cloud responsive on 2 cores; "
+                        "causal LM: 64, prompt and response together)")
     p.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://HOST:PORT (your own)")
     p.add_argument("--topology", choices=["single", "field"], default="single",
                    help="single: one broker for all; field: a secured deployment from `tomtit deploy init` "
@@ -38,16 +59,27 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="marginal:tau_min=5,tau_max=30", help="device sync scheduler")
     p.add_argument("--edge-scheduler", default="marginal:tau_min=2,tau_max=6")
     p.add_argument("--strategy", default="fedbuff")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--target-accuracy", type=float, default=0.9)
-    p.add_argument("--max-minutes", type=float, default=15)
+    p.add_argument("--lr", type=float, help="devices' AdamW learning rate (default 2e-3)")
+    p.add_argument("--target-accuracy", type=float, default=0.9, help="classifier: stop at this held-out accuracy")
+    # SmolLM2 on bbc-headlines, default settings: 5.54 (base) -> 3.49 in 12 min, crossing 3.5 at ~10 min
+    p.add_argument("--target-loss", type=float, default=3.5,
+                   help="causal LM: stop once the held-out loss (mean token cross-entropy, nats) is at most this "
+                        "(default 3.5; SmolLM2's base model scores ~5.5 on bbc-headlines)")
+    p.add_argument("--eval-max", type=int, default=32,
+                   help="causal LM: held-out examples the cloud scores each global model on")
+    p.add_argument("--batch", type=int, default=4, help="causal LM: examples per device step")
+    p.add_argument("--headlines", type=int, default=3,
+                   help="causal LM: held-out prompts generated for at the end, base model vs final adapter")
+    p.add_argument("--new-tokens", type=int, default=20, help="causal LM: tokens generated per prompt at the end")
+    p.add_argument("--max-minutes", type=float, help="stop the run after this long (default 15; causal LM: 12)")
     p.add_argument("--job", default="demo")
     p.add_argument("--json", action="store_true", help="print only the final summary, as JSON, on stdout "
                                                        "(progress goes to stderr)")
-    p.add_argument("--profiles", default="pi4:2,pi5:1,orin-nano:1",
+    p.add_argument("--profiles",
                    help="boards the devices emulate, a pattern dealt in order (tomtit/profiles.toml: pi4, pi5, "
                         "jetson-nano, orin-nano, x86-minipc; a unique prefix will do); 'none': no emulation, "
-                        "every device this machine as it is")
+                        "every device this machine as it is (default pi4:2,pi5:1,orin-nano:1; causal LM: none, "
+                        "the profiles' step times are MiniLM's)")
     p.add_argument("--links", default="wifi,lte-m,wifi,ethernet",
                    help="links the devices emulate, likewise (ethernet, wifi, lte-m, nb-iot)")
     p.add_argument("--slowdown", type=float, default=3.0,
@@ -75,29 +107,74 @@ def _stop(procs: dict[str, subprocess.Popen], timeout: float = 20, sig: int = si
             p.kill()
 
 
+def _causal(args: argparse.Namespace) -> bool:
+    """Causal-LM data (bbc-headlines, prompt/response or text JSONL) makes this a causal-LM demo."""
+    from tomtit.cli import CliError
+    from tomtit.lm_data import is_lm_data
+
+    from export.causal_lm import BUILTIN_CAUSAL_MODELS
+
+    causal = is_lm_data(args.data)
+    if args.model in BUILTIN_CAUSAL_MODELS and not causal:
+        raise CliError(f"--model {args.model} is a causal LM: give it causal-LM --data (bbc-headlines or a JSONL "
+                       f"of prompt/response rows), not {args.data}")
+    return causal
+
+
+def _fill_defaults(args: argparse.Namespace, causal: bool) -> None:
+    for key, value in (CAUSAL_DEFAULTS if causal else CLASSIFY_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _export(args: argparse.Namespace, bundle: Path, causal: bool, say) -> None:
+    from tomtit.cli import CliError
+    from tomtit.manifest import load_manifest
+
+    if (bundle / "manifest.json").is_file():
+        task = load_manifest(bundle).task
+        if task != ("causal-lm" if causal else "classify"):
+            raise CliError(f"{bundle} holds a {task} bundle, but --data {args.data} needs "
+                           f"{'a causal-LM' if causal else 'a classifier'} one: choose another --out or --bundle")
+        say(f"[1/4] reusing bundle {bundle}")
+        return
+    if args.bundle is not None:
+        raise CliError(f"--bundle {bundle} has no manifest.json")
+    from export.bundle_builder import ExportConfig, export_bundle
+
+    if causal:
+        say(f"[1/4] exporting {args.model} + LoRA as a causal LM for {args.data} -> {bundle} "
+            "(SmolLM2: 5-7 min and ~4 GB, once; later runs reuse it)")
+        cfg = ExportConfig(model=args.model, data=args.data, out=bundle, max_length=args.max_len, force=True,
+                           task="causal-lm", backend="portable", targets=("q_proj", "v_proj"))
+    else:
+        say(f"[1/4] exporting {args.model} + LoRA for {args.data} -> {bundle}")
+        cfg = ExportConfig(model=args.model, data=args.data, out=bundle, max_length=args.max_len, force=True)
+    export_bundle(cfg, log=lambda m: say("      " + m))
+
+
 def run(args: argparse.Namespace) -> int:
     from edge_broker.brokers import free_port, wait_for_port
     from tomtit.cli import CliError
 
+    causal = _causal(args)
+    _fill_defaults(args, causal)
     if args.devices < 1 or args.edges < 1 or args.devices < args.edges:
         raise CliError("need --devices >= --edges >= 1")
+    if causal and (args.batch < 1 or args.eval_max < 1 or args.headlines < 0 or args.new_tokens < 1
+                   or not args.target_loss > 0):
+        raise CliError("need --batch, --eval-max, --new-tokens >= 1, --headlines >= 0 and --target-loss > 0")
     emulation = _emulation_plan(args)  # bad profile names fail before anything starts
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    bundle, split = out / "bundle", out / "split"
+    bundle = args.bundle.resolve() if args.bundle else out / "bundle"
+    split = out / "split"
     # --json: stdout carries only the summary (a script can parse it); progress goes to stderr
     say = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    if not (bundle / "manifest.json").is_file():
-        say(f"[1/4] exporting {args.model} + LoRA for {args.data} -> {bundle}")
-        from export.bundle_builder import ExportConfig, export_bundle
-
-        export_bundle(ExportConfig(model=args.model, data=args.data, out=bundle, max_length=args.max_len, force=True),
-                      log=lambda m: say("      " + m))
-    else:
-        say(f"[1/4] reusing bundle {bundle}")
+    _export(args, bundle, causal, say)
     if not (split / "test.jsonl").is_file():
         from tomtit.cli import main as tomtit_main
 
@@ -146,10 +223,11 @@ def run(args: argparse.Namespace) -> int:
         return ["--bundle", str(bundle), "--broker", url, "--job", args.job]
 
     # The cloud publishes the run's configuration (schedulers, K, codec); edges and devices take it.
+    goal = (["--target-loss", str(args.target_loss), "--eval-max", str(args.eval_max)] if causal
+            else ["--target-accuracy", str(args.target_accuracy)])
     procs["cloud"] = _tomtit(["node", "run", "--id", "cloud", *common("cloud"), "--strategy", args.strategy,
                               "--k", "2", "--children", str(args.edges), "--device-scheduler", args.scheduler, "--edge-scheduler", args.edge_scheduler,
-                              "--eval-data", str(split / "test.jsonl"),
-                              "--target-accuracy", str(args.target_accuracy), "--max-minutes", str(args.max_minutes),
+                              "--eval-data", str(split / "test.jsonl"), *goal, "--max-minutes", str(args.max_minutes),
                               "--state-dir", str(state / "cloud"), "--summary", str(out / "cloud.json"),
                               "--save-model", str(out / "final-adapter.safetensors")],
                              logs / "cloud.log")
@@ -164,9 +242,11 @@ def run(args: argparse.Namespace) -> int:
         procs[name] = _tomtit(["device", "run", "--id", name, "--parent", f"edge{d // per_edge}", *common(name),
                                "--data", str(split / f"device-{d:0{width}d}.jsonl"),
                                "--lr", str(args.lr), "--state-dir", str(state / name), *emulation[d],
+                               *(["--batch", str(args.batch)] if causal else []),
                                "--summary", str(out / f"{name}.json")], logs / f"{name}.log")
-    say(f"[4/4] running cloud + {args.edges} edges + {args.devices} devices "
-        f"(target accuracy {args.target_accuracy}, at most {args.max_minutes} min); Ctrl-C stops everything")
+    target = f"target held-out loss {args.target_loss}" if causal else f"target accuracy {args.target_accuracy}"
+    say(f"[4/4] running cloud + {args.edges} edge{'s' * (args.edges > 1)} + {args.devices} devices "
+        f"({target}, at most {args.max_minutes} min); Ctrl-C stops everything")
     t0 = time.monotonic()
     shown = 0
     # field topology: the deployment's read-only monitor identity (its ACL: status/+ and telemetry/+ only)
@@ -175,12 +255,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         while procs["cloud"].poll() is None:
             time.sleep(2)
-            shown = _show_progress(logs / "cloud.log", shown, t0, quiet)
+            shown = _show_progress(logs / "cloud.log", shown, t0, quiet, causal)
             dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
             if dead:
                 say(f"process(es) {', '.join(dead)} failed; see {logs}")
                 break
-        _show_progress(logs / "cloud.log", shown, t0, quiet)
+        _show_progress(logs / "cloud.log", shown, t0, quiet, causal)
         deadline = time.monotonic() + 60  # "finished" propagates: edges then devices stop by themselves
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -268,8 +348,9 @@ def _field_brokers(out: Path, args: argparse.Namespace, broker_procs: dict, cred
     return f"mqtts://127.0.0.1:{ports['cloud']}"
 
 
-def _show_progress(cloud_log: Path, shown: int, t0: float, say) -> int:
-    lines = [line for line in cloud_log.read_text(errors="replace").splitlines() if "held-out accuracy" in line]
+def _show_progress(cloud_log: Path, shown: int, t0: float, say, causal: bool = False) -> int:
+    what = "held-out loss" if causal else "held-out accuracy"
+    lines = [line for line in cloud_log.read_text(errors="replace").splitlines() if what in line]
     for line in lines[shown:]:
         say(f"      {time.monotonic() - t0:6.0f}s  cloud {line.split(' INFO ', 1)[-1]}")
     return len(lines)
@@ -283,9 +364,18 @@ def _report(out: Path, args: argparse.Namespace, say) -> int:
     cloud = json.loads(cloud_file.read_text())
     summary = {"cloud": {k: cloud[k] for k in ("stop_reason", "final_version", "updates_accepted",
                                               "updates_rejected", "duplicates", "bytes_in", "seconds")}}
-    acc = cloud["accuracy"]
-    summary["cloud"]["accuracy_start"] = acc[0]["accuracy"] if acc else None
-    summary["cloud"]["accuracy_best"] = max((a["accuracy"] for a in acc), default=None)
+    causal = cloud.get("task") == "causal-lm"
+    if causal:
+        losses = cloud.get("heldout_loss") or []
+        summary["cloud"]["task"] = "causal-lm"
+        summary["cloud"]["loss_start"] = losses[0]["loss"] if losses else None  # version 0: the base model
+        summary["cloud"]["loss_end"] = losses[-1]["loss"] if losses else None
+        summary["cloud"]["loss_best"] = min((e["loss"] for e in losses), default=None)
+        summary["cloud"]["evaluations"] = len(losses)
+    else:
+        acc = cloud["accuracy"]
+        summary["cloud"]["accuracy_start"] = acc[0]["accuracy"] if acc else None
+        summary["cloud"]["accuracy_best"] = max((a["accuracy"] for a in acc), default=None)
     summary["edges"] = {}
     for f in sorted(out.glob("edge*.json")):
         e = json.loads(f.read_text())
@@ -308,9 +398,17 @@ def _report(out: Path, args: argparse.Namespace, say) -> int:
     if args.json:
         return 0  # printed after the finale, which adds the report and the adapter's paths
     c = summary["cloud"]
-    say(f"\ncloud: {c['stop_reason']}; accuracy {c['accuracy_start']:.3f} (untrained head) -> "
-        f"{c['accuracy_best']:.3f} in {c['seconds']:.0f} s, {c['final_version']} global versions, "
-        f"{c['updates_accepted']} edge updates")
+    if causal and c["loss_start"] is not None:
+        verdict = "below" if c["loss_end"] < c["loss_start"] else "NOT below"
+        say(f"\ncloud: {c['stop_reason']}; held-out loss {c['loss_start']:.4f} (base model) -> {c['loss_end']:.4f} "
+            f"(final model, {verdict} the base model's; best {c['loss_best']:.4f}) in {c['seconds']:.0f} s, "
+            f"{c['final_version']} global versions, {c['updates_accepted']} edge updates")
+    elif causal:
+        say(f"\ncloud: {c['stop_reason']}; no held-out loss was recorded (see {out / 'logs' / 'cloud.log'})")
+    else:
+        say(f"\ncloud: {c['stop_reason']}; accuracy {c['accuracy_start']:.3f} (untrained head) -> "
+            f"{c['accuracy_best']:.3f} in {c['seconds']:.0f} s, {c['final_version']} global versions, "
+            f"{c['updates_accepted']} edge updates")
     for name, e in summary["edges"].items():
         say(f"{name}: pushed upward {e['pushes_up']} times, at {e['push_times_s'][:8]} s ...")
     for name, d in summary["devices"].items():
@@ -324,7 +422,8 @@ def _report(out: Path, args: argparse.Namespace, say) -> int:
 
 def _finale(out: Path, bundle: Path, split: Path, args: argparse.Namespace, say) -> None:
     """The report, the final adapter as a PEFT folder, and a few held-out texts classified with it
-    on the device runtime (its own process: what a board runs, no torch)."""
+    (causal LM: headlines generated with the base model and with it) on the device runtime (its
+    own process: what a board runs, no torch)."""
     from tomtit.cli import CliError
 
     summary = json.loads((out / "summary.json").read_text())
@@ -346,7 +445,10 @@ def _finale(out: Path, bundle: Path, split: Path, args: argparse.Namespace, say)
             say(f"final adapter -> {adapter}; as a Hugging Face PEFT folder -> {summary['peft_adapter']}")
         except Exception as e:  # noqa: BLE001 - the run's results stand without the PEFT copy; say why
             say(f"final adapter -> {adapter} (PEFT export failed: {e})")
-        summary["inference"] = _classify_held_out(bundle, adapter, split / "test.jsonl", say)
+        if summary["cloud"].get("task") == "causal-lm":
+            summary["generation"] = _generate_held_out(bundle, adapter, split / "test.jsonl", args, say)
+        else:
+            summary["inference"] = _classify_held_out(bundle, adapter, split / "test.jsonl", say)
     else:
         say(f"no final adapter (the cloud did not write {adapter}); see {out / 'logs' / 'cloud.log'}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -380,3 +482,72 @@ def _classify_held_out(bundle: Path, adapter: Path, test_file: Path, say, per_la
         say(f"{mark} {label:>14}  {p['label']:>14}  {prob:4.2f}  {' '.join(text.split())[:60]}")
         rows.append({"text": text[:200], "label": label, "predicted": p["label"], "probability": round(prob, 4)})
     return rows
+
+
+def _generate_held_out(bundle: Path, adapter: Path, test_file: Path, args: argparse.Namespace, say) -> list[dict]:
+    """Greedy generations for a few held-out prompts (one per category first), with the base model
+    (the bundle's initial adapter) and with the final adapter, in a device-runtime process."""
+    from tomtit.lm_data import load_lm_dataset
+
+    if args.headlines == 0:
+        return []
+    ds = load_lm_dataset(str(test_file))
+    picks, seen = [], set()
+    for i, (prompt, group) in enumerate(zip(ds.prompts, ds.groups)):
+        if prompt and group not in seen:
+            seen.add(group)
+            picks.append(i)
+    picks += [i for i, p in enumerate(ds.prompts) if p and i not in picks]
+    picks = picks[:args.headlines]
+    if not picks:
+        say(f"no prompt/response rows in {test_file} to generate for")
+        return []
+    job = {"bundle": str(bundle), "adapters": {"base": None, "final": str(adapter)},
+           "prompts": [ds.prompts[i] for i in picks], "max_new_tokens": args.new_tokens}
+    job_file = test_file.parent.parent / "generation-job.json"
+    job_file.write_text(json.dumps(job))
+    r = subprocess.run([sys.executable, "-c", "import sys; from tomtit.cli.demo_cmd import generation_child; "
+                        "generation_child(sys.argv[1])", str(job_file)], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    if r.returncode != 0:
+        say(f"on-device generation failed: {r.stderr.strip()[-800:]}")
+        return []
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = []
+    say(f"\nheadlines generated on the device runtime (greedy, {res['how']}, {res['ms_per_token']:.1f} ms/token), "
+        "held-out articles:")
+    for k, i in enumerate(picks):
+        body = " ".join(ds.prompts[i].split("\n\n", 1)[-1].split())
+        row = {"group": ds.groups[i], "article": body[:200], "reference": ds.responses[i],
+               "base": res["texts"]["base"][k], "final": res["texts"]["final"][k]}
+        rows.append(row)
+        say(f"  [{row['group']}] {body[:90]}...")
+        say(f"      reference : {row['reference']}")
+        say(f"      base model: {' '.join(row['base'].split())}")
+        say(f"      federated : {' '.join(row['final'].split())}")
+    return rows
+
+
+def generation_child(job_file: str) -> None:
+    """Run by `_generate_held_out` in its own interpreter: device_runtime only (no torch), one
+    Generator for both adapters; prints one JSON line."""
+    from device_runtime.adapter import load_adapter
+    from device_runtime.bundle import open_bundle
+    from device_runtime.generation import GenerationStats, Generator, generation_roles
+
+    job = json.loads(Path(job_file).read_text())
+    bundle = open_bundle(job["bundle"], roles=())
+    bundle = open_bundle(job["bundle"], roles=generation_roles(bundle.manifest))
+    gen = Generator(bundle)
+    texts, ms, kv = {}, [], False
+    for name, path in job["adapters"].items():
+        adapter = load_adapter(path or bundle.path("initial_adapter"), bundle.manifest)
+        texts[name] = []
+        for prompt in job["prompts"]:
+            stats = GenerationStats()
+            texts[name].append("".join(gen.stream(prompt, adapter, max_new_tokens=job["max_new_tokens"], stats=stats)))
+            ms += stats.token_ms
+            kv = stats.kv_cache
+    assert "torch" not in sys.modules, "the device runtime imported torch"
+    print(json.dumps({"texts": texts, "ms_per_token": sum(ms) / max(1, len(ms)),
+                      "how": "KV cache" if kv else "no KV cache"}))
