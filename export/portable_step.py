@@ -197,26 +197,94 @@ def export_logits_graph(logits_module, trainable: list[str], dest: Path, *, max_
     weights are initializers `frozen_{i}` numbered exactly as in the step graph, so both graphs can
     point at one external weights file."""
     import torch
-    from torch._decomp import core_aten_decompositions
     from torch.export import Dim
+
+    batch, seq = 2, min(16, max_length)
+    example = (torch.randint(vocab_low, vocab_high, (batch, seq)), torch.ones(batch, seq, dtype=torch.long))
+    b = Dim("batch", min=1, max=64)
+    s = Dim("seq", min=1, max=max(3, max_length))
+    export_forward_graph(logits_module, trainable, dest, example=example, dynamic=[{0: b, 1: s}, {0: b, 1: s}],
+                         input_names=list(input_names), output_names=[output_name])
+
+
+def kv_io_names(layers: int) -> tuple[list[str], list[str], list[str]]:
+    """(data inputs, past inputs, outputs) of the KV-cache graph, in graph order; the adapter
+    tensors follow the data and past inputs, named as in the manifest."""
+    past = [f"past_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids"], past, ["logits", *present]
+
+
+def export_kv_graph(kv_module, trainable: list[str], dest: Path, *, max_length: int, layers: int, kv_heads: int,
+                    head_dim: int, vocab_low: int = 1000, vocab_high: int = 2000) -> dict:
+    """The generation graph with a KV cache, by the same route as the other graphs:
+
+        (input_ids (B,S), attention_mask (B,P+S), position_ids (B,S), past_key_i / past_value_i
+         (B,kv_heads,P,head_dim) for every layer, *adapter)
+            -> (logits of the last position (B,V), present_key_i / present_value_i (B,kv_heads,P+S,head_dim))
+
+    `kv_module` takes (input_ids, attention_mask, position_ids, *past) and returns (logits, *present).
+    ONE graph serves prefill (P = 0: the prompt) and decode (S = 1: the last token, P = tokens so
+    far) because the past length is a dynamic dimension that may be 0, which ORT runs as an empty
+    tensor (the export-time check in export.causal_lm runs both against PyTorch). Why one graph
+    and not a prefill graph plus a decode graph: one ORT session on the board instead of two, each
+    of which would hold its own graph and its own view of every layer's initializers, and nothing
+    to gain in speed, since decode is the same computation with S = 1.
+    Traced with P = 5 and S = 4 so neither dimension is specialised to 0 or 1.
+    Returns the manifest entry that tells the device how to call it."""
+    import torch
+    from torch.export import Dim
+
+    data, past, outputs = kv_io_names(layers)
+    batch, p, s = 2, 5, 4
+    example = (torch.randint(vocab_low, vocab_high, (batch, s)), torch.ones(batch, p + s, dtype=torch.long),
+               torch.arange(p, p + s).repeat(batch, 1),
+               *[torch.randn(batch, kv_heads, p, head_dim) for _ in past])
+    hi = max(3, max_length)
+    b = Dim("batch", min=1, max=64)
+    seq = Dim("seq", min=1, max=hi)
+    past_len = Dim("past", min=0, max=hi)
+    # The mask spans past + new tokens; torch.export cannot name that sum of two Dims, so it gets
+    # its own (the graph only ever sees consistent shapes from the device).
+    total = Dim("total", min=1, max=2 * hi)
+    dynamic = [{0: b, 1: seq}, {0: b, 1: total}, {0: b, 1: seq}] + [{0: b, 2: past_len}] * len(past)
+    export_forward_graph(kv_module, trainable, dest, example=example, dynamic=dynamic,
+                         input_names=data + past, output_names=outputs)
+    return {"file": dest.name, "inputs": data, "past_inputs": past, "outputs": outputs,
+            "present_outputs": outputs[1:], "adapter_inputs": "the manifest's trainable names, after the past inputs",
+            "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": "float32",
+            "kv_layout": ["batch", "kv_heads", "seq", "head_dim"],
+            "logits": "(batch, vocab): the last position only",
+            "attention_mask": "(batch, past + seq): 1 for every token so far; 0 marks left padding of a batch",
+            "position_ids": "(batch, seq): past + 0 .. past + seq - 1 (a left-padded row counts real tokens only)",
+            "prefill": "past tensors of length 0; decode: one token and the previous present tensors",
+            "seq_range": [1, hi], "past_range": [0, hi], "opset": OPSET}
+
+
+def export_forward_graph(module, trainable: list[str], dest: Path, *, example: tuple, dynamic: list,
+                         input_names: list[str], output_names: list[str]) -> None:
+    """Export `module(*example)` (eval mode, no gradients) with the adapter tensors as extra graph
+    inputs named as in the manifest and the frozen weights as initializers `frozen_{i}`, numbered
+    exactly as in the step graph, so every graph of a bundle can point at one external weights file.
+    `dynamic` gives each example input's dynamic dimensions (torch.export Dims)."""
+    import torch
+    from torch._decomp import core_aten_decompositions
+    from torch.export import export
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
     manifest_names = list(trainable)
-    logits_module = logits_module.eval()
-    trainable, frozen, named = _split_names(logits_module, trainable)
-    n = len(trainable)
+    module = module.eval()
+    trainable, frozen, named = _split_names(module, trainable)
+    n, k = len(trainable), len(example)
 
     def forward_fn(*args):
-        input_ids, attention_mask = args[0], args[1]
-        state = dict(zip(trainable, args[2:2 + n]))
-        state.update(zip(frozen, args[2 + n:]))
-        return functional_call(logits_module, state, (input_ids, attention_mask))
+        state = dict(zip(trainable, args[k:k + n]))
+        state.update(zip(frozen, args[k + n:]))
+        return functional_call(module, state, tuple(args[:k]))
 
-    batch, seq = 2, min(16, max_length)
-    example = (torch.randint(vocab_low, vocab_high, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
-               *[named[k].detach().clone() for k in trainable])
-    frozen_values = [named[k].detach() for k in frozen]
+    example = (*example, *[named[t].detach().clone() for t in trainable])
+    frozen_values = [named[f].detach() for f in frozen]
     with torch.no_grad():
         traced = make_fx(forward_fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(
             *example, *frozen_values)
@@ -232,9 +300,6 @@ def export_logits_graph(logits_module, trainable: list[str], dest: Path, *, max_
         def forward(self, *args):
             return self.traced(*args, *[getattr(self, f"frozen_{i}") for i in range(self._n_frozen)])
 
-    b = Dim("batch", min=1, max=64)
-    s = Dim("seq", min=1, max=max(3, max_length))
-    dynamic = [{0: b, 1: s}, {0: b, 1: s}] + [None] * n
-    ep = torch.export.export(Forward(), example, dynamic_shapes=(tuple(dynamic),), strict=False)
-    torch.onnx.export(ep, (), str(dest), input_names=[*input_names, *manifest_names], output_names=[output_name],
+    ep = export(Forward(), example, dynamic_shapes=(tuple(dynamic) + (None,) * n,), strict=False)
+    torch.onnx.export(ep, (), str(dest), input_names=[*input_names, *manifest_names], output_names=output_names,
                       opset_version=OPSET, optimize=False, external_data=False)

