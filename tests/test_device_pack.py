@@ -211,6 +211,29 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
         render_unit(BOARD, UnitLimits(memory_max="lots"))
 
 
+def test_unit_takes_away_what_the_agent_does_not_need():
+    """The sandbox beyond ProtectSystem: each key read back from the rendered unit (the agent
+    needs IPv4/IPv6 for MQTT, Unix sockets, /sys readable, its state folder writable)."""
+    from tomtit.pack.layout import BOARD
+    from tomtit.pack.unit import render_unit
+
+    lines = render_unit(BOARD).splitlines()
+    keys: dict[str, list[str]] = {}
+    for line in lines:
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            keys.setdefault(k, []).append(v)
+    assert set(keys["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert keys["CapabilityBoundingSet"] == [""]  # empty: no capability at all
+    assert keys["UMask"] == ["0077"] and keys["SystemCallArchitectures"] == ["native"]
+    for key in ("ProtectKernelLogs", "ProtectClock", "ProtectHostname", "RestrictNamespaces", "LockPersonality",
+                "ProtectKernelTunables", "NoNewPrivileges"):
+        assert keys[key] == ["yes"], key
+    # ProtectClock's implied device allow-list must not close the Pi 5 meter's mailbox
+    assert "/dev/vcio rw" in keys["DeviceAllow"]
+    assert keys["ReadWritePaths"] == [BOARD.state] and keys["ProtectSystem"] == ["strict"]
+
+
 # -- packs ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -237,6 +260,9 @@ class WheelCache:
             extra = ["--find-links", str(cache), "--no-index", "--tomtit-wheel", str(own)]
         rc, stdout, err = tomtit("device", "pack", "--platform", platform, "--out", str(out), *args, *extra)
         assert rc == 0, err
+        # the sha256 to send to the board's installer by another channel, and the check of a copy with it
+        sha = _sha256(out / "pack.json")
+        assert f"pack.json sha256 {sha}\n" in stdout and f"--verify {out} --expect {sha}" in stdout, stdout
         if not cache.is_dir():
             shutil.copytree(out / "wheelhouse", cache)
         return out
@@ -364,6 +390,198 @@ def test_pack_refuses_what_a_board_cannot_use(tmp_path, tiny_bundle):
     assert not (tmp_path / "p").exists()
 
 
+def test_pack_refuses_a_password_in_the_config(tmp_path, tiny_bundle):
+    """device.toml is world-readable in the pack: a password goes in --credentials (0600) only."""
+    cfg = write(tmp_path / "device.toml", 'broker = "mqtt://h:1"\nid = "d"\nparent = "e"\nusername = "d"\n'
+                                          'password = "hunter2"\n')
+    rc, _, err = tomtit("device", "pack", "--bundle", str(tiny_bundle), "--config", str(cfg), "--platform",
+                        "linux-x86_64", "--out", str(tmp_path / "p"))
+    assert rc == 2 and "password" in err and "--credentials" in err, err
+    assert not (tmp_path / "p").exists()
+
+
+def test_pack_archive_is_readable_by_its_owner_only(tmp_path):
+    """--tar: the archive holds credentials.toml; created 0600 whatever the umask."""
+    from tomtit.pack.manifest import write_archive
+
+    folder = tmp_path / "d00"
+    write(folder / "credentials.toml", "password = 'x'\n").chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        write_archive(folder, tmp_path / "d00.tar.gz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d00.tar.gz").stat().st_mode) == 0o600
+
+
+def _small_pack(root: Path) -> Path:
+    """A pack folder with two files and its manifests, as the builder writes them."""
+    from tomtit.pack.manifest import write_pack_manifest
+
+    write(root / "device.toml", 'threads = 2\n')
+    write(root / "bundle" / "manifest.json", "{}\n")
+    write_pack_manifest(root, {"platform": "linux-x86_64"})
+    return root
+
+
+def test_verify_refuses_a_hostile_manifest_and_checks_the_expected_sha256(tmp_path):
+    pack = _small_pack(tmp_path / "pack")
+    good = (pack / "pack.json").read_text()
+    sha = _sha256(pack / "pack.json")
+    rc, out, err = tomtit("device", "pack", "--verify", str(pack), "--expect", sha.upper())
+    assert rc == 0 and f"pack.json sha256 {sha}: as expected" in out, err
+    rc, out, _ = tomtit("device", "pack", "--verify", str(pack))
+    assert rc == 0 and f"pack.json sha256 {sha}" in out
+    rc, _, err = tomtit("device", "pack", "--verify", str(pack), "--expect", "0" * 64)
+    assert rc == 2 and f"sha256 {sha}, not the expected {'0' * 64}" in err
+    rc, _, err = tomtit("device", "pack", "--verify", str(pack), "--expect", "abc")
+    assert rc == 2 and "64 hex digits" in err
+
+    def with_files(**changes) -> None:
+        m = json.loads(good)
+        m["files"].update(changes)
+        (pack / "pack.json").write_text(json.dumps(m))
+
+    with_files(**{"device.toml": "not an entry"})  # was: AttributeError ('str' has no 'get')
+    rc, _, err = tomtit("device", "pack", "--verify", str(pack))
+    assert rc == 2 and "files['device.toml'] is not" in err
+    # entries that lead out of the pack: refused even when their size and hash are right
+    outside = write(tmp_path / "secret.txt", "outside the pack\n")
+    entry = {"bytes": outside.stat().st_size, "sha256": _sha256(outside)}
+    for name in ("../secret.txt", str(outside), "bundle/../../secret.txt", "./device.toml"):
+        with_files(**{name: entry})
+        rc, _, err = tomtit("device", "pack", "--verify", str(pack))
+        assert rc == 2 and "not a relative path inside the pack" in err, (name, err)
+    (pack / "pack.json").write_text(good)
+    # a listed file that is a symbolic link out of the pack
+    (pack / "device.toml").unlink()
+    (pack / "device.toml").symlink_to(outside)
+    m = json.loads(good)
+    m["files"]["device.toml"] = entry
+    (pack / "pack.json").write_text(json.dumps(m))
+    rc, _, err = tomtit("device", "pack", "--verify", str(pack))
+    assert rc == 2 and "device.toml: a symbolic link" in err
+
+
+def test_force_replaces_only_an_empty_folder_or_a_previous_pack(tmp_path, tiny_bundle):
+    from tomtit.pack import PackError
+    from tomtit.pack.builder import check_replaceable
+    from tomtit.pack.manifest import write_archive
+
+    cfg = write(tmp_path / "device.toml", 'broker = "mqtt://h:1"\nid = "d"\nparent = "e"\n')
+    precious = write(tmp_path / "home" / "thesis.tex", "years of work\n")
+    rc, _, err = tomtit("device", "pack", "--bundle", str(tiny_bundle), "--config", str(cfg), "--platform",
+                        "linux-x86_64", "--out", str(precious.parent), "--force")
+    assert rc == 2 and "not a pack (no pack.json)" in err and "--force replaces only" in err, err
+    assert precious.read_text() == "years of work\n"
+    notes = write(tmp_path / "notes.tar.gz", "not an archive")
+    rc, _, err = tomtit("device", "pack", "--bundle", str(tiny_bundle), "--config", str(cfg), "--platform",
+                        "linux-x86_64", "--out", str(notes), "--tar", "--force")
+    assert rc == 2 and "not a pack archive" in err and notes.read_text() == "not an archive"
+    # what --force does replace: an empty folder, a pack folder, a pack archive
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", archive=False)
+    pack = _small_pack(tmp_path / "d00")
+    check_replaceable(pack, archive=False)
+    write_archive(pack, tmp_path / "d00.tar.gz")
+    check_replaceable(tmp_path / "d00.tar.gz", archive=True)
+    with pytest.raises(PackError, match="is a folder, not a pack archive"):
+        check_replaceable(pack, archive=True)
+
+
+def test_board_paths_in_the_pack_config(tmp_path, tiny_bundle, tiny_data):
+    """A data path on this machine is packed; a board path is named with --board-data (never
+    packed); a built-in data set stays a name; summary only where the unit lets the agent write."""
+    from tomtit.pack import PackError
+    from tomtit.pack.builder import PackConfig, _device_config
+
+    base = 'broker = "mqtt://h:1"\nid = "d"\nparent = "e"\n'
+    cfg = write(tmp_path / "device.toml", base + 'data = "/srv/sensor/x.jsonl"\n')
+    common = ["device", "pack", "--bundle", str(tiny_bundle), "--platform", "linux-x86_64", "--out",
+              str(tmp_path / "p")]
+    rc, _, err = tomtit(*common, "--config", str(cfg))
+    assert rc == 2 and "/srv/sensor/x.jsonl: no such file here" in err and "--board-data PATH" in err, err
+
+    def decide(text: str, **kw) -> tuple[dict, dict]:
+        write(cfg, base + text)
+        return _device_config(PackConfig(platform="linux-x86_64", out=tmp_path / "p", bundle=tiny_bundle,
+                                         config=cfg, **kw))
+
+    values, sources = decide("", board_data="/srv/sensor/x.jsonl")
+    assert values["data"] == "/srv/sensor/x.jsonl" and "data" not in sources
+    values, sources = decide('data = "bbc-news"\n')
+    assert values["data"] == "bbc-news" and "data" not in sources
+    values, sources = decide("", data=Path("bbc-news"))
+    assert values["data"] == "bbc-news" and "data" not in sources
+    values, sources = decide(f'data = "{tiny_data}"\n')
+    assert sources["data"] == tiny_data and "data" not in values  # a file here: packed
+    for kw, match in ((dict(board_data="/home/pi/x.jsonl"), "cannot read there"),
+                      (dict(board_data="/tmp/x.jsonl"), "cannot read there"),
+                      (dict(board_data="x.jsonl"), "an absolute path on the board"),
+                      (dict(board_data="/srv/x.jsonl", data=tiny_data), "--board-data and --data both given")):
+        with pytest.raises(PackError, match=match):
+            decide("", **kw)
+    with pytest.raises(PackError, match="write only under /var/lib/tomtit"):
+        decide('summary = "/srv/summary.json"\n')
+    with pytest.raises(PackError, match="write only under /var/lib/tomtit"):
+        decide('summary = "/var/lib/tomtit/../../etc/summary.json"\n')
+    assert decide('summary = "/var/lib/tomtit/s.json"\n')[0]["summary"] == Path("/var/lib/tomtit/s.json")
+
+
+def _render_scripts(folder: Path) -> Path:
+    """install.sh and uninstall.sh alone in a folder (no pack: anything past the argument checks fails)."""
+    from tomtit.pack.scripts import render_install, render_uninstall
+
+    write(folder / "install.sh", render_install(platform=HOST_PLATFORM, machine="x86_64", python=HOST_PY,
+                                                pip_wheel="pip-0-py3-none-any.whl", version="0"))
+    write(folder / "uninstall.sh", render_uninstall())
+    return folder
+
+
+def _not_root_env(tmp_path: Path) -> dict:
+    """PATH with an `id` that says uid 1000: should a prefix check fail, the scripts stop at their
+    root check instead of touching this machine's /opt, /etc and /var/lib."""
+    bin_ = tmp_path / "fakebin"
+    write(bin_ / "id", "#!/bin/sh\necho 1000\n").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("prefix, message", [
+    ("", "--prefix is empty"), ("/", "--prefix names /"), ("//", "--prefix names /"),
+    ("/tmp/..", "must not contain . or .. components"), ("relative/dir", "must be an absolute path"),
+])
+def test_scripts_refuse_an_empty_or_root_prefix(tmp_path, prefix, message):
+    scripts = _render_scripts(tmp_path / "pack")
+    env = _not_root_env(tmp_path)
+    for script, extra in (("install.sh", ["--python", sys.executable]), ("uninstall.sh", ["--purge"])):
+        for argv in (["--prefix", prefix], [f"--prefix={prefix}"]):
+            r = subprocess.run(["sh", str(scripts / script), *argv, *extra], capture_output=True, text=True,
+                               env=env, timeout=60)
+            assert r.returncode != 0 and message in r.stderr, (script, argv, r.stderr)
+    # a symbolic link to / is / too
+    (tmp_path / "root-link").symlink_to("/")
+    r = subprocess.run(["sh", str(scripts / "uninstall.sh"), "--prefix", str(tmp_path / "root-link"), "--purge"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0 and "--prefix names /" in r.stderr
+
+
+def test_uninstall_keeps_an_admins_drop_ins(tmp_path):
+    scripts = _render_scripts(tmp_path / "pack")
+    prefix = tmp_path / "board"
+    units = prefix / "etc/systemd/system"
+    write(units / "tomtit-device.service", "[Service]\n")
+    write(units / "tomtit-device.service.d" / "backoff.conf", "[Service]\n")
+    write(units / "tomtit-device.service.d" / "override.conf", "[Service]\nMemoryMax=900M\n")  # systemctl edit
+    r = subprocess.run(["sh", str(scripts / "uninstall.sh"), "--prefix", str(prefix)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (units / "tomtit-device.service").exists()
+    assert sorted(p.name for p in (units / "tomtit-device.service.d").iterdir()) == ["override.conf"]
+    (units / "tomtit-device.service.d" / "override.conf").unlink()
+    write(units / "tomtit-device.service.d" / "backoff.conf", "[Service]\n")
+    r = subprocess.run(["sh", str(scripts / "uninstall.sh"), "--prefix", str(prefix)], capture_output=True, text=True)
+    assert r.returncode == 0 and not (units / "tomtit-device.service.d").exists(), r.stderr
+
+
 def _run_install(pack: Path, prefix: Path, *args: str, env: dict | None = None, timeout: float = 600):
     return subprocess.run(["sh", str(pack / "install.sh"), "--prefix", str(prefix), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
@@ -372,9 +590,11 @@ def _run_install(pack: Path, prefix: Path, *args: str, env: dict | None = None, 
 def test_install_sh_installs_an_x86_pack_here_and_uninstall_sh_removes_it(x86_pack, tmp_path):
     prefix = tmp_path / "board"
     t0 = time.monotonic()
-    r = _run_install(x86_pack, prefix, "--python", sys.executable, "--no-compile")
+    sha = _sha256(x86_pack / "pack.json")  # the value `tomtit device pack` printed
+    r = _run_install(x86_pack, prefix, "--python", sys.executable, "--no-compile", "--expect", sha)
     assert r.returncode == 0, r.stdout + r.stderr
     install_s = time.monotonic() - t0
+    assert f"pack.json sha256 {sha}" in r.stdout  # shown for the operator to compare
     venv, etc, state = prefix / "opt/tomtit/venv", prefix / "etc/tomtit", prefix / "var/lib/tomtit"
     assert stat.S_IMODE((etc / "credentials.toml").stat().st_mode) == 0o600
     assert stat.S_IMODE((etc / "device.toml").stat().st_mode) == 0o600
@@ -432,6 +652,73 @@ def test_install_sh_refuses_a_damaged_pack_or_the_wrong_python(x86_pack, tmp_pat
     write(bad / "install.sh", text)
     r = _run_install(bad, tmp_path / "board", "--python", sys.executable)
     assert r.returncode != 0 and f"for Python {other}" in r.stderr
+    # the pack.json whose sha256 the operator was given, or none
+    r = _run_install(x86_pack, tmp_path / "board", "--python", sys.executable, "--expect", "ab" * 32)
+    assert r.returncode != 0 and "not the pack that was built" in r.stderr
+    assert not (tmp_path / "board" / "opt").exists()
+    sums = (x86_pack / "SHA256SUMS").read_text()
+    shutil.rmtree(bad)
+    shutil.copytree(x86_pack, bad)
+    (bad / "wheelhouse" / "evil-1.0-py3-none-any.whl").write_text("x")  # listed in SHA256SUMS only
+    write(bad / "SHA256SUMS", sums + f"{_sha256(bad / 'wheelhouse' / 'evil-1.0-py3-none-any.whl')}  "
+                                     f"wheelhouse/evil-1.0-py3-none-any.whl\n")
+    r = _run_install(bad, tmp_path / "board", "--python", sys.executable)
+    assert r.returncode != 0 and "pack.json and SHA256SUMS disagree" in r.stderr
+
+
+def _repacked(pack: Path, to: Path, change) -> Path:
+    """A copy of `pack` changed by `change(folder)`, its SHA256SUMS and pack.json written again (as
+    a newer build would be)."""
+    from tomtit.pack.manifest import write_pack_manifest
+
+    shutil.copytree(pack, to)
+    change(to)
+    facts = {k: v for k, v in json.loads((to / "pack.json").read_text()).items() if k not in ("format", "files")}
+    (to / "pack.json").unlink()
+    (to / "SHA256SUMS").unlink()
+    write_pack_manifest(to, facts)
+    return to
+
+
+def test_reinstall_keeps_the_board_running_until_the_new_venv_works(x86_pack, tmp_path):
+    """An upgrade whose pip install fails leaves the installed venv, bundle and config in use and
+    no half-made venv; one that succeeds keeps changed credentials and data as *.old."""
+    prefix = tmp_path / "board"
+    opt, etc, state = prefix / "opt/tomtit", prefix / "etc/tomtit", prefix / "var/lib/tomtit"
+    r = _run_install(x86_pack, prefix, "--python", sys.executable, "--no-compile")
+    assert r.returncode == 0, r.stdout + r.stderr
+    in_use = os.readlink(opt / "venv")
+    before = sorted(p.name for p in opt.iterdir())
+
+    def wrong_hash(folder: Path) -> None:  # pip --require-hashes refuses numpy: the new venv fails
+        lock = (folder / "requirements.txt").read_text()
+        numpy = next((folder / "wheelhouse").glob("numpy-*.whl"))
+        write(folder / "requirements.txt", lock.replace(_sha256(numpy), "0" * 64))
+
+    broken = _repacked(x86_pack, tmp_path / "broken", wrong_hash)
+    r = _run_install(broken, prefix, "--python", sys.executable, "--no-compile")
+    assert r.returncode != 0 and "pip install from the wheelhouse failed" in r.stderr
+    assert os.readlink(opt / "venv") == in_use and sorted(p.name for p in opt.iterdir()) == before
+    assert not (etc / ".device.toml.new").exists()
+    r = subprocess.run([str(opt / "venv" / "bin" / "tomtit"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "device" in r.stdout, r.stderr  # the board's tomtit still runs
+
+    def new_data_and_credentials(folder: Path) -> None:
+        with (folder / "data.jsonl").open("a") as fh:
+            fh.write('{"text": "one more", "label": "a"}\n')
+        with (folder / "credentials.toml").open("a") as fh:
+            fh.write("# rotated\n")
+
+    newer = _repacked(x86_pack, tmp_path / "newer", new_data_and_credentials)
+    r = _run_install(newer, prefix, "--python", sys.executable, "--no-compile")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (state / "data.jsonl.old").read_bytes() == (x86_pack / "data.jsonl").read_bytes()
+    assert (state / "data.jsonl").read_bytes() == (newer / "data.jsonl").read_bytes()
+    assert (etc / "credentials.toml.old").read_bytes() == (x86_pack / "credentials.toml").read_bytes()
+    assert stat.S_IMODE((etc / "credentials.toml.old").stat().st_mode) == 0o600
+    assert not (etc / "device.toml.old").exists()  # unchanged: no copy
+    assert os.readlink(opt / "venv") != in_use and not (opt / in_use).exists()  # the old venv, gone after the switch
+    assert [p.name for p in opt.glob("venv-*")] == [os.readlink(opt / "venv")]
 
 
 # -- the acceptance test: an aarch64 board, emulated ------------------------------------------
@@ -538,10 +825,12 @@ case "$1" in --version) echo "systemd 256 (256.1)";; is-active) exit 3;; esac
 mount --bind {box}/etc /etc; mount --bind {box}/opt /opt; mount --bind {box}/varlib /var/lib
 mount -t tmpfs none /run; mkdir -p /run/systemd/system
 export PATH={box}/bin:$PATH
+getent group video >/dev/null || groupadd --system video
 sh {x86_pack}/install.sh --python {exe} --no-compile
 stat -c '%n %U %G %a' /etc/tomtit/device.toml /etc/tomtit/credentials.toml /etc/tomtit/ca.crt /var/lib/tomtit \\
     /var/lib/tomtit/data.jsonl /opt/tomtit/venv/bin/tomtit
 id tomtit
+test -e /dev/vcio || ! id -nG tomtit | grep -qw video  # video only for the Pi's /dev/vcio
 test -f /etc/systemd/system/tomtit-device.service.d/backoff.conf
 sh /opt/tomtit/uninstall.sh --purge
 if id tomtit 2>/dev/null; then exit 9; fi

@@ -17,6 +17,10 @@ def register(sub) -> None:
     p.add_argument("--verify", type=Path, metavar="PACK",
                    help="check a pack folder (or .tar.gz) against its pack.json: exit 2 naming the first missing, "
                         "damaged or extra file")
+    p.add_argument("--expect", metavar="SHA256",
+                   help="with --verify: pack.json's sha256 must be this, the value printed when the pack was built "
+                        "(bring it by another channel than the pack: pack.json vouches for every other file, but "
+                        "whoever changes the pack can rewrite pack.json too)")
     p.add_argument("--bundle", type=Path, help="the bundle from `tomtit export` (or bundle in --config)")
     p.add_argument("--platform", choices=["linux-aarch64", "linux-x86_64"], help="the board's platform")
     p.add_argument("--python", default="3.11", help="the board's python3 version, e.g. 3.11 (Raspberry Pi OS "
@@ -28,14 +32,19 @@ def register(sub) -> None:
                                                "paths")
     p.add_argument("--credentials", type=Path, help="the device's credential file from `tomtit deploy init` "
                                                     "(its CA goes along)")
-    p.add_argument("--data", type=Path, help="the device's examples (.jsonl or .csv) to carry along (default: the "
-                                             "board finds them at /var/lib/tomtit/data.jsonl)")
+    p.add_argument("--data", type=Path, help="the device's examples (.jsonl or .csv) on THIS machine, packed; or a "
+                                             "built-in data set name (default: the board finds them at "
+                                             "/var/lib/tomtit/data.jsonl)")
+    p.add_argument("--board-data", metavar="PATH", help="the device's examples already ON the board (an absolute "
+                                                        "path there, e.g. /srv/sensor/x.jsonl): named in device.toml, "
+                                                        "not packed")
     p.add_argument("--backend", default="auto", choices=["auto", "portable", "ort-training", "both"],
                    help="training backend(s) to pack: auto = portable (stock onnxruntime, every platform); "
                         "ort-training or both: x86_64 only")
     p.add_argument("--out", type=Path, help="the pack folder to write")
     p.add_argument("--tar", action="store_true", help="write one OUT.tar.gz instead of the folder")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out: only an empty folder or a "
+                                                        "previous pack")
     p.add_argument("--tomtit-wheel", type=Path, help="a wheel of tomtit to pack (default: built from this "
                                                      "checkout)")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR",
@@ -57,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         if args.verify is not None:
             from tomtit.pack.manifest import verify_pack
 
-            manifest = verify_pack(args.verify)
+            manifest = verify_pack(args.verify, expect=args.expect)
             n = len(manifest["files"])
             if args.json:
                 print(json.dumps(manifest, indent=1, sort_keys=True))
@@ -65,7 +74,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{args.verify}: OK, {n} files as in pack.json (tomtit {manifest.get('tomtit_version')}, "
                       f"{manifest.get('platform')}, Python {manifest.get('python')}, "
                       f"bundle {manifest.get('bundle_id')})")
+                if args.expect is not None:
+                    print(f"pack.json sha256 {manifest['pack_sha256']}: as expected")
+                else:
+                    print(f"pack.json sha256 {manifest['pack_sha256']}: compare it with the one printed when the pack "
+                          f"was built (or give --expect SHA256)")
             return 0
+        if args.expect is not None:
+            raise CliError("--expect goes with --verify PACK")
         if args.platform is None or args.out is None:
             raise CliError("give --platform and --out (or --verify PACK)")
         from tomtit.pack.builder import PackConfig, build_pack
@@ -73,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
         manifest = build_pack(PackConfig(
             platform=args.platform, out=args.out, bundle=args.bundle, python=args.python, glibc=args.glibc,
-            config=args.config, credentials=args.credentials, data=args.data, backend=args.backend, tar=args.tar,
+            config=args.config, credentials=args.credentials, data=args.data, board_data=args.board_data,
+            backend=args.backend, tar=args.tar,
             force=args.force, tomtit_wheel=args.tomtit_wheel, find_links=tuple(args.find_links),
             no_index=args.no_index, limits=UnitLimits(nice=args.nice, memory_max=args.memory_max,
                                                       cpu_quota=args.cpu_quota)), log=log)
@@ -93,5 +110,8 @@ def run(args: argparse.Namespace) -> int:
             steps = f"copy {archive} to the board, then: tar xzf {Path(archive).name} && sudo sh {folder}/install.sh"
         else:
             steps = f"copy {args.out} to the board, then: sudo sh {args.out.name}/install.sh"
-        print(f"{steps}\n(check a copy first: tomtit device pack --verify {archive or args.out})")
+        sha = manifest["pack_sha256"]
+        print(f"pack.json sha256 {sha}\n(keep it, and send it to the board's installer by another channel than the "
+              f"pack: install.sh prints the same value)")
+        print(f"{steps}\n(check a copy first: tomtit device pack --verify {archive or args.out} --expect {sha})")
     return 0

@@ -28,7 +28,8 @@ class PackConfig:
     glibc: str = "2.28"  # the board's glibc is at least this: manylinux wheels up to it
     config: Path | None = None  # device.toml on this machine (its relative paths: to its folder)
     credentials: Path | None = None  # else the config's `credentials`
-    data: Path | None = None  # else the config's `data`; none: a placeholder path on the board
+    data: Path | None = None  # else the config's `data`: a file here, packed; none: a placeholder path on the board
+    board_data: str | None = None  # the examples' path ON the board (absolute, not packed), instead of data
     backend: str = "auto"  # auto (portable) | portable | ort-training | both (x86_64)
     tar: bool = False  # one OUT.tar.gz instead of the folder
     force: bool = False
@@ -45,9 +46,11 @@ def run_parser() -> argparse.ArgumentParser:
     return config_file.verb_parser(device_cmd.register, "run")
 
 
-def check_installed_config(path: str) -> None:
-    """install.sh: the installed device.toml works with the installed tomtit (keys, types)."""
+def check_installed_config(path: str, *, data_packed: bool = False) -> None:
+    """install.sh: the pack's device.toml works with the pack's tomtit (keys, types); checked
+    before it replaces the one in use, so before the packed data is in place (`data_packed`)."""
     from tomtit.cli import config_file
+    from tomtit.data import BUILTIN_DATASETS
 
     try:
         values = config_file.load_config(path, run_parser())
@@ -55,15 +58,15 @@ def check_installed_config(path: str) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     data = values.get("data")
-    if data is not None and not Path(data).is_file():
+    if data is not None and not data_packed and data not in BUILTIN_DATASETS and not Path(data).is_file():
         print(f"install.sh: note: {data} does not exist yet: put the device's examples there (the service "
               f"fails, and retries every few seconds, until it does)")
 
 
 def build_pack(cfg: PackConfig, *, log=print) -> dict:
     """Write the pack; returns its manifest (pack.json) with the archive's path when --tar."""
-    from tomtit.fsutil import publish_dir, staging_dir
-    from tomtit.pack.manifest import write_archive, write_pack_manifest
+    from tomtit.fsutil import publish_dir, sha256_file, staging_dir
+    from tomtit.pack.manifest import PACK_MANIFEST, write_archive, write_pack_manifest
     from tomtit.pack.wheelhouse import PLATFORMS, parse_python
 
     t0 = time.monotonic()
@@ -83,12 +86,15 @@ def build_pack(cfg: PackConfig, *, log=print) -> dict:
     final = archive or out
     if final.exists() and not cfg.force and (final.is_file() or any(final.iterdir())):
         raise PackError(f"{final} exists: give --force to replace it")
+    if final.exists():
+        check_replaceable(final, archive=archive is not None)
     final.parent.mkdir(parents=True, exist_ok=True)
     values, sources = _device_config(cfg)  # fails on a bad config before anything is downloaded
     tmp = staging_dir(out)
     try:
         facts = _fill(tmp, cfg, values, sources, glibc, log)
         manifest = write_pack_manifest(tmp, facts)
+        manifest_sha256 = sha256_file(tmp / PACK_MANIFEST)
         if archive is not None:
             write_archive(tmp, archive)
             shutil.rmtree(tmp)
@@ -101,7 +107,39 @@ def build_pack(cfg: PackConfig, *, log=print) -> dict:
     total = sum(e["bytes"] for e in manifest["files"].values())
     log(f"pack for {cfg.platform} / Python {cfg.python} -> {final}: {len(manifest['files'])} files, "
         f"{total / 1e6:.1f} MB ({time.monotonic() - t0:.0f} s)")
+    manifest["pack_sha256"] = manifest_sha256
     return manifest
+
+
+def check_replaceable(final: Path, *, archive: bool) -> None:
+    """--force replaces only what a pack build made: an empty folder, a pack folder (it has
+    pack.json), or a pack archive (one folder with pack.json in it). Anything else is someone's
+    data that a mistyped --out must not delete."""
+    import tarfile
+
+    from tomtit.pack.manifest import PACK_MANIFEST
+
+    if final.is_symlink():
+        raise PackError(f"{final} is a symbolic link: --force replaces only a pack; remove it yourself")
+    if archive:
+        if final.is_dir():
+            raise PackError(f"{final} is a folder, not a pack archive: --force with --tar replaces only a previous "
+                            f"pack archive; choose another --out, or remove it yourself")
+        try:
+            with tarfile.open(final) as tar:
+                is_pack = any(len(Path(m.name).parts) == 2 and Path(m.name).name == PACK_MANIFEST for m in tar)
+        except (tarfile.TarError, OSError, EOFError):
+            is_pack = False
+        if not is_pack:
+            raise PackError(f"{final} is not a pack archive (no */{PACK_MANIFEST} in it): --force replaces only a "
+                            f"previous pack; choose another --out, or remove it yourself")
+        return
+    if not final.is_dir():
+        raise PackError(f"{final} is a file, not a pack folder: --force replaces only an empty folder or a previous "
+                        f"pack; choose another --out, or remove it yourself")
+    if any(final.iterdir()) and not (final / PACK_MANIFEST).is_file():
+        raise PackError(f"{final} is not a pack (no {PACK_MANIFEST}) and not empty: --force replaces only an empty "
+                        f"folder or a previous pack; choose another --out, or remove it yourself")
 
 
 def _parse_glibc(text: str) -> tuple[int, int]:
@@ -134,6 +172,12 @@ def _device_config(cfg: PackConfig) -> tuple[dict, dict]:
     if "state_dir" in values:
         raise PackError(f"{where}: state_dir is the board's ({BOARD.state_dir}: the unit's only writable "
                         f"folder); leave it out")
+    if "password" in values:
+        # device.toml is 0644 in the pack (a 0755 folder) and travels with it: a password there is
+        # readable by whoever can read the pack. credentials.toml is packed and installed 0600.
+        raise PackError(f"{where}: password would be written into the pack's device.toml, readable by anyone who "
+                        f"can read the pack: leave it out and give --credentials FILE (from `tomtit deploy init`; "
+                        f"packed and installed with mode 0600)")
     sources: dict[str, Path] = {}
     for key, flag in (("bundle", cfg.bundle), ("credentials", cfg.credentials), ("data", cfg.data)):
         given = values.pop(key, None)
@@ -153,6 +197,13 @@ def _device_config(cfg: PackConfig) -> tuple[dict, dict]:
         if config_file.is_path_option(action) and not Path(str(raw.get(key, value))).is_absolute():
             raise PackError(f"{where}: {key} = {raw.get(key)!r}: a packed config names files on the board; "
                             f"write it as an absolute path there (e.g. {BOARD.state}/{Path(str(value)).name})")
+    if "summary" in values:  # the agent writes it: only its state folder is writable
+        summary = str(raw.get("summary", values["summary"]))
+        if not os.path.normpath(summary).startswith(BOARD.state + "/"):
+            raise PackError(f"{where}: summary = {summary!r}: the unit lets the agent write only under "
+                            f"{BOARD.state} (ProtectSystem=strict, ProtectHome, PrivateTmp); write it as "
+                            f"{BOARD.state}/{Path(summary).name}")
+    _board_data(cfg, values, sources, where)
     if "scheduler" in values:
         from device_runtime.scheduler import SchedulerConfigError, make_scheduler
 
@@ -166,6 +217,52 @@ def _device_config(cfg: PackConfig) -> tuple[dict, dict]:
             raise PackError(f"the board would not know its {', '.join(lacking)}: give them in --config, "
                             f"or --credentials FILE from `tomtit deploy init`")
     return values, sources
+
+
+# Folders a file on the board cannot be read from by the unit: ProtectHome=yes hides the first
+# three, PrivateTmp=yes gives the agent its own empty /tmp and /var/tmp.
+_HIDDEN_FROM_UNIT = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
+
+
+def _board_data(cfg: PackConfig, values: dict, sources: dict, where: str) -> None:
+    """Where the board's examples come from, decided here so that a board path is never mistaken
+    for a file of this machine, nor the other way round:
+
+    - a built-in data set name (`bbc-news`), in --config or --data: device.toml names it; nothing packed;
+    - --board-data PATH: an absolute path on the board; device.toml names it; nothing packed;
+    - --data FILE, or data in --config: a .jsonl or .csv file on THIS machine, packed; a path that
+      does not exist here is an error pointing to --board-data (not silently a board path: a typo
+      would otherwise give a pack whose board waits for a file no one will put there).
+    """
+    from tomtit.data import BUILTIN_DATASETS
+
+    src = sources.get("data")
+    given = "--data" if cfg.data is not None else f"data in {where}"
+    if src is not None and str(src) in BUILTIN_DATASETS:  # the config loader leaves a data set's name as is
+        del sources["data"]
+        values["data"] = str(src)
+        src = None
+    if cfg.board_data is not None:
+        if src is not None or "data" in values:
+            raise PackError(f"--board-data and {given} both given: keep one (--board-data names a file on the "
+                            f"board, {given} a file here that is packed)")
+        path = os.path.normpath(str(cfg.board_data))
+        if not path.startswith("/"):
+            raise PackError(f"--board-data {path!r}: an absolute path on the board")
+        if any(path == d or path.startswith(d + "/") for d in _HIDDEN_FROM_UNIT):
+            raise PackError(f"--board-data {path}: the unit cannot read there (ProtectHome=yes hides /home, /root "
+                            f"and /run/user; PrivateTmp=yes gives it its own /tmp); put the file under "
+                            f"{BOARD.state} or e.g. /srv")
+        values["data"] = path
+        return
+    if src is None:
+        return
+    if not src.is_file():
+        raise PackError(f"{given} {src}: no such file here. {given} names a file on this machine, which is packed; "
+                        f"to name a file that is already on the board, give --board-data PATH instead")
+    if src.suffix.lower() not in (".jsonl", ".csv"):
+        raise PackError(f"{given} {src}: a .jsonl or .csv file (or a built-in data set: "
+                        f"{', '.join(BUILTIN_DATASETS)})")
 
 
 def _fill(root: Path, cfg: PackConfig, values: dict, sources: dict, glibc: tuple[int, int], log) -> dict:
@@ -193,14 +290,14 @@ def _fill(root: Path, cfg: PackConfig, values: dict, sources: dict, glibc: tuple
         if key in sources:
             _copy_file(sources[key], root / name, secret=(key == "tls_key"), what=key)
             values[key] = name
-    # 3. data: packed, or a placeholder path the board fills
+    # 3. data: packed, a board path or a built-in data set (set by _board_data), or a placeholder path
     if "data" in sources:
         suffix = sources["data"].suffix.lower()
-        if suffix not in (".jsonl", ".csv"):
-            raise PackError(f"--data {sources['data']}: a .jsonl or .csv file")
         name = f"data{suffix}"
         _copy_file(sources["data"], root / name, secret=False, what="--data")
         values["data"] = f"{BOARD.state}/{name}"
+    elif "data" in values:
+        log(f"data: device.toml names {values['data']} (not packed)")
     else:
         values["data"] = f"{BOARD.state}/data.jsonl"
         log(f"no --data: device.toml names {values['data']}; put the device's examples there on the board")

@@ -11,17 +11,19 @@ from tomtit.pack.layout import BOARD, BoardLayout
 INSTALL_SH = r"""#!/bin/sh
 # install.sh: put this board into service from this pack, with no network (`tomtit device pack`).
 #
-#   sudo sh install.sh [--python PYTHON] [--no-start] [--no-compile]
+#   sudo sh install.sh [--python PYTHON] [--expect SHA256] [--no-start] [--no-compile]
 #   sh install.sh --prefix DIR [--python PYTHON] [--no-compile]       (no root, no systemd: tests, images)
 #
-# Checks every file against SHA256SUMS, then: a venv in @@OPT@@/venv from wheelhouse/ only
-# (pip --no-index --require-hashes, pip itself bootstrapped from its wheel), the bundle in
-# @@OPT@@/bundle, device.toml (and credentials.toml, 0600) in @@ETC@@, the state folder
-# @@STATE@@ (and data.jsonl when packed); where systemd runs, a system user @@USER@@ and the unit
-# @@UNIT@@, enabled and started. --prefix DIR puts all of it under DIR, makes no user and
-# writes the unit without enabling it; --no-systemd does the same without a prefix.
-# Again on an installed board: replaces the venv and the bundle, keeps the state (outbox, resume
-# state), keeps a changed device.toml as device.toml.old. Remove with @@OPT@@/uninstall.sh.
+# Checks every file against SHA256SUMS and SHA256SUMS against pack.json, prints pack.json's
+# sha256 (compare it with the one `tomtit device pack` printed; --expect checks it), then: a venv
+# from wheelhouse/ only (pip --no-index --require-hashes, pip from its wheel) at @@OPT@@/venv,
+# the bundle in @@OPT@@/bundle, device.toml (and credentials.toml, 0600) in @@ETC@@, the state
+# folder @@STATE@@ (and data.jsonl when packed); where systemd runs, a system user @@USER@@ and
+# the unit @@UNIT@@, enabled and started. --prefix DIR (absolute, not /) puts all of it under
+# DIR, makes no user and writes the unit without enabling it; --no-systemd: the same at /.
+# Again on an installed board: the new venv and config are made and checked beside the old
+# ones, which stay in use until then; changed config, credentials and data are kept as *.old;
+# the state (outbox, resume state) is kept. Remove with @@OPT@@/uninstall.sh.
 set -eu
 
 PACK_PLATFORM='@@PLATFORM@@'
@@ -36,13 +38,15 @@ UNIT='@@UNIT@@'
 
 say() { echo "install.sh: $*"; }
 die() { echo "install.sh: error: $*" >&2; exit 1; }
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 
-prefix=""; python="python3"; systemd=auto; start=yes; compile=yes
+prefix=""; prefix_given=no; python="python3"; systemd=auto; start=yes; compile=yes; expect=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; prefix=$2; shift 2 ;;
-        --prefix=*) prefix=${1#--prefix=}; shift ;;
+        --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; prefix=$2; prefix_given=yes; shift 2 ;;
+        --prefix=*) prefix=${1#--prefix=}; prefix_given=yes; shift ;;
+        --expect) [ $# -ge 2 ] || die "--expect needs a sha256"; expect=$2; shift 2 ;;
+        --expect=*) expect=${1#--expect=}; shift ;;
         --python) [ $# -ge 2 ] || die "--python needs an interpreter"; python=$2; shift 2 ;;
         --python=*) python=${1#--python=}; shift ;;
         --no-systemd) systemd=no; shift ;;
@@ -55,15 +59,11 @@ done
 launcher=${TOMTIT_PYTHON_LAUNCHER:-}
 here=$(cd "$(dirname "$0")" && pwd)
 
-if [ -n "$prefix" ]; then
-    case "$prefix" in
-        /*) ;;
-        *) die "--prefix must be an absolute path, not $prefix" ;;
-    esac
+@@CHECK_PREFIX@@
+if [ "$prefix_given" = yes ]; then
     case "$prefix" in
         *'#'*|*'&'*|*'\'*|*'"'*|*"'"*) die "--prefix must not contain # & \\ or quotes" ;;
     esac
-    prefix=${prefix%/}
     systemd=no
 elif [ "$(id -u)" -ne 0 ]; then
     die "run as root (sudo sh $0), or give --prefix DIR"
@@ -104,6 +104,34 @@ for line in (root / "SHA256SUMS").read_text().splitlines():
 sys.exit(1 if bad else 0)
 PY
 fi
+# pack.json vouches for SHA256SUMS (and so for every file); its own sha256 is what the builder printed
+pack_sha=$($launcher "$python" - "$here" <<'PY'
+import hashlib, json, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+def sha(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+try:
+    files = json.loads((root / "pack.json").read_text())["files"]
+    sums = dict(reversed(line.split("  ", 1)) for line in (root / "SHA256SUMS").read_text().splitlines())
+    ok = (files["SHA256SUMS"]["sha256"] == sha(root / "SHA256SUMS")
+          and sums == {name: e["sha256"] for name, e in files.items() if name != "SHA256SUMS"})
+except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    sys.exit(f"pack.json or SHA256SUMS unreadable: {e}")
+if not ok:
+    sys.exit("SHA256SUMS does not match pack.json")
+print(sha(root / "pack.json"))
+PY
+) || die "the pack is damaged (pack.json and SHA256SUMS disagree): copy it again"
+say "pack.json sha256 $pack_sha: compare it with the one printed when the pack was built"
+if [ -n "$expect" ]; then
+    expect=$(printf '%s' "$expect" | tr 'A-F' 'a-f')
+    [ "$pack_sha" = "$expect" ] \
+        || die "pack.json's sha256 is not the expected $expect: this is not the pack that was built"
+fi
 
 relocate() {  # the board paths in a packed file, moved under --prefix
     if [ -n "$prefix" ]; then
@@ -114,17 +142,17 @@ relocate() {  # the board paths in a packed file, moved under --prefix
     fi
 }
 
-if [ "$use_systemd" = yes ] && systemctl is-active --quiet "$UNIT" 2>/dev/null; then
-    say "stopping $UNIT (it resumes from its state folder)"
-    systemctl stop "$UNIT"
-fi
-
-# 3. The venv, from the wheelhouse only.
-say "creating the venv $O/venv (no index: the pack's wheels only)"
+# 3. A new venv beside the one in use, from the wheelhouse only. A venv cannot be moved (its
+# scripts name their python by path), so each lives in its own venv-* folder and $O/venv is a
+# symbolic link, switched in one rename once the new venv and config are checked: until then the
+# board runs as before, and a failure leaves it so.
+new=venv-$(date -u +%Y%m%d%H%M%S)-$$
+swapped=no
+trap '[ "$swapped" = yes ] || rm -rf "$O/$new" "$O/.bundle.new" "$E/.device.toml.new"' EXIT
+say "creating the venv $O/$new (no index: the pack's wheels only)"
 mkdir -p "$O"
-rm -rf "$O/venv"
-$launcher "$python" -m venv --without-pip "$O/venv" || die "python -m venv failed"
-vpy=$O/venv/bin/python
+$launcher "$python" -m venv --without-pip "$O/$new" || die "python -m venv failed"
+vpy=$O/$new/bin/python
 for v in $(env | sed -n 's/^\(PIP_[A-Za-z0-9_]*\)=.*/\1/p'); do unset "$v"; done
 PIP_CONFIG_FILE=/dev/null PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_CONFIG_FILE PIP_NO_CACHE_DIR PIP_DISABLE_PIP_VERSION_CHECK
@@ -133,37 +161,67 @@ set -- install --no-index --find-links "$here/wheelhouse" --require-hashes -r "$
 [ "$compile" = yes ] || set -- "$@" --no-compile
 $launcher "$vpy" "$here/wheelhouse/$PIP_WHEEL/pip" "$@" || die "pip install from the wheelhouse failed"
 
-# 4. The bundle, the config, the credentials, the state folder.
-say "installing the bundle in $O/bundle, the config in $E, the state folder $S"
-rm -rf "$O/bundle"
-cp -R "$here/bundle" "$O/bundle"
-chmod -R u=rwX,go=rX "$O/bundle"
-cp "$here/uninstall.sh" "$O/uninstall.sh" && chmod 0755 "$O/uninstall.sh"
-cp "$here/pack.json" "$O/pack.json"
+# 4. The new bundle and config, checked with the new tomtit before anything in use changes.
+rm -rf "$O/.bundle.new"
+cp -R "$here/bundle" "$O/.bundle.new"
+chmod -R u=rwX,go=rX "$O/.bundle.new"
 mkdir -p "$E" "$S"
 chmod 0755 "$E"
 chmod 0750 "$S"
 umask 077
 relocate "$here/device.toml" > "$E/.device.toml.new"
-if [ -f "$E/device.toml" ] && ! cmp -s "$E/device.toml" "$E/.device.toml.new"; then
-    cp -p "$E/device.toml" "$E/device.toml.old"
-    say "kept the previous config as $E/device.toml.old"
+data_packed=no
+for f in data.jsonl data.csv; do
+    if [ -f "$here/$f" ]; then data_packed=yes; fi
+done
+check='import sys; from tomtit.pack.builder import check_installed_config as c
+c(sys.argv[1], data_packed=sys.argv[2] == "yes")'
+$launcher "$vpy" -c "$check" "$E/.device.toml.new" "$data_packed" \
+    || die "the pack's device.toml does not work with its tomtit (nothing was changed)"
+
+# 5. The switch: stop the agent, swap venv and bundle, install config, credentials and data
+# (a changed one kept as .old).
+if [ "$use_systemd" = yes ] && systemctl is-active --quiet "$UNIT" 2>/dev/null; then
+    say "stopping $UNIT (it resumes from its state folder)"
+    systemctl stop "$UNIT"
 fi
-mv "$E/.device.toml.new" "$E/device.toml"
+say "switching to the new venv and bundle in $O; config in $E, state folder $S"
+if [ -d "$O/venv" ] && [ ! -L "$O/venv" ]; then mv "$O/venv" "$O/venv.old"; fi  # a pack before venv-* folders
+rm -f "$O/.venv.link"
+ln -s "$new" "$O/.venv.link"
+$launcher "$python" -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$O/.venv.link" "$O/venv" \
+    || die "could not switch $O/venv to $new"
+rm -rf "$O/bundle.old"
+if [ -d "$O/bundle" ]; then mv "$O/bundle" "$O/bundle.old"; fi
+mv "$O/.bundle.new" "$O/bundle"
+swapped=yes
+rm -rf "$O/bundle.old" "$O/venv.old"
+for d in "$O"/venv-*; do  # the venvs no longer in use
+    if [ -e "$d" ] && [ "$d" != "$O/$new" ]; then rm -rf "$d"; fi
+done
+cp "$here/uninstall.sh" "$O/uninstall.sh" && chmod 0755 "$O/uninstall.sh"
+cp "$here/pack.json" "$O/pack.json"
+put() {  # put SRC DEST MODE: DEST replaced in one rename; a DEST that differs is kept as DEST.old
+    if [ -f "$2" ] && ! cmp -s "$1" "$2"; then
+        cp -p "$2" "$2.old"
+        say "kept the previous $(basename "$2") as $2.old"
+    fi
+    cp "$1" "$2.new.$$" && chmod "$3" "$2.new.$$" && mv "$2.new.$$" "$2"
+}
+put "$E/.device.toml.new" "$E/device.toml" 0600
+rm -f "$E/.device.toml.new"
 for f in credentials.toml tls.key; do  # secrets: 0600 (tomtit refuses a credential file others can read)
-    if [ -f "$here/$f" ]; then cp "$here/$f" "$E/$f"; chmod 0600 "$E/$f"; fi
+    if [ -f "$here/$f" ]; then put "$here/$f" "$E/$f" 0600; fi
 done
 for f in ca.crt tls-ca.crt tls.crt; do
-    if [ -f "$here/$f" ]; then cp "$here/$f" "$E/$f"; chmod 0644 "$E/$f"; fi
+    if [ -f "$here/$f" ]; then put "$here/$f" "$E/$f" 0644; fi
 done
 for f in data.jsonl data.csv; do
-    if [ -f "$here/$f" ]; then cp "$here/$f" "$S/$f"; fi
+    if [ -f "$here/$f" ]; then put "$here/$f" "$S/$f" 0600; fi
 done
 umask 022
-$launcher "$vpy" -c 'import sys; from tomtit.pack.builder import check_installed_config as c; c(sys.argv[1])' \
-    "$E/device.toml" || die "$E/device.toml does not work with the installed tomtit"
 
-# 5. The unit: written always; enabled and started where systemd runs (and not --prefix).
+# 6. The unit: written always; enabled and started where systemd runs (and not --prefix).
 unit_dir=$prefix/etc/systemd/system
 mkdir -p "$unit_dir"
 relocate "$here/$UNIT" > "$unit_dir/$UNIT"
@@ -186,8 +244,12 @@ if [ "$use_systemd" = yes ]; then
             adduser --system --group --home "$STATE" --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
         fi
     fi
-    # the Pi 5 PMIC meter (vcgencmd) needs /dev/vcio, which group video owns on Raspberry Pi OS
-    if getent group video >/dev/null 2>&1; then usermod -a -G video "$USER_NAME" 2>/dev/null || true; fi
+    # Raspberry Pi only: the energy meter of a Pi 5 (`vcgencmd pmic_read_adc`) talks to the
+    # firmware through the mailbox /dev/vcio, which group video owns on Raspberry Pi OS. Elsewhere
+    # video opens cameras and GPUs the agent has no use for: no membership there.
+    if [ -e /dev/vcio ] && getent group video >/dev/null 2>&1; then
+        usermod -a -G video "$USER_NAME" 2>/dev/null || true
+    fi
     chown -R "$USER_NAME:$USER_NAME" "$S"
     chgrp "$USER_NAME" "$E/device.toml"
     chmod 0640 "$E/device.toml"
@@ -228,16 +290,18 @@ UNIT='@@UNIT@@'
 say() { echo "uninstall.sh: $*"; }
 die() { echo "uninstall.sh: error: $*" >&2; exit 1; }
 
-prefix=""; purge=no
+prefix=""; prefix_given=no; purge=no
 while [ $# -gt 0 ]; do
     case "$1" in
-        --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; prefix=${2%/}; shift 2 ;;
-        --prefix=*) prefix=${1#--prefix=}; prefix=${prefix%/}; shift ;;
+        --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; prefix=$2; prefix_given=yes; shift 2 ;;
+        --prefix=*) prefix=${1#--prefix=}; prefix_given=yes; shift ;;
         --purge) purge=yes; shift ;;
         -h|--help) sed -n '3,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1" ;;
     esac
 done
+@@CHECK_PREFIX@@
+if [ "$prefix_given" = yes ] && [ ! -d "$prefix" ]; then die "--prefix $prefix: no such folder"; fi
 if [ -z "$prefix" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (sudo sh $0), or give --prefix DIR"; fi
 unit_dir=$prefix/etc/systemd/system
 if [ -z "$prefix" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
@@ -245,7 +309,9 @@ if [ -z "$prefix" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/
     say "stopped and disabled $UNIT"
 fi
 rm -f "$unit_dir/$UNIT"
-rm -rf "$unit_dir/$UNIT.d"
+# only the pack's own drop-in: an admin's `systemctl edit` overrides beside it stay
+rm -f "$unit_dir/$UNIT.d/backoff.conf"
+rmdir "$unit_dir/$UNIT.d" 2>/dev/null || true
 if [ -z "$prefix" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload || true
 fi
@@ -260,6 +326,23 @@ else
 fi
 """
 
+# A given --prefix: absolute, in normal form, and not the board's root (which is what no --prefix
+# means: `--prefix ""` or `--prefix /` must not turn a test's install or a --purge into one at /).
+CHECK_PREFIX = r"""if [ "$prefix_given" = yes ]; then
+    case "$prefix" in
+        "") die "--prefix is empty: give a folder (leave --prefix out to install on this board itself)" ;;
+        /*) ;;
+        *) die "--prefix must be an absolute path, not $prefix" ;;
+    esac
+    case "$prefix/" in
+        */./*|*/../*) die "--prefix must not contain . or .. components: $prefix" ;;
+    esac
+    while :; do case "$prefix" in */) prefix=${prefix%/} ;; *) break ;; esac; done
+    if [ -z "$prefix" ] || { [ -d "$prefix" ] && [ "$(cd "$prefix" && pwd -P)" = / ]; }; then
+        die "--prefix names / (this board itself): leave --prefix out for that"
+    fi
+fi"""
+
 
 def _fill(template: str, values: dict[str, str]) -> str:
     out = template
@@ -271,7 +354,8 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 
 def _layout_values(layout: BoardLayout) -> dict[str, str]:
-    return {"OPT": layout.opt, "ETC": layout.etc, "STATE": layout.state, "USER": layout.user, "UNIT": layout.unit_name}
+    return {"CHECK_PREFIX": CHECK_PREFIX, "OPT": layout.opt, "ETC": layout.etc, "STATE": layout.state,
+            "USER": layout.user, "UNIT": layout.unit_name}
 
 
 def render_install(*, platform: str, machine: str, python: str, pip_wheel: str, version: str,

@@ -14,6 +14,14 @@ Why each line is there:
   changed by a compromised agent. ProtectHome, PrivateTmp, NoNewPrivileges and the kernel
   protections cost it nothing (it reads /sys for energy meters; ProtectKernelTunables keeps /sys
   readable).
+- What the agent does not need, taken away: sockets other than IPv4/IPv6 (MQTT) and Unix ones
+  (RestrictAddressFamilies), every capability (CapabilityBoundingSet= empty: it runs as its own
+  user), 32-bit or foreign system calls (SystemCallArchitectures=native), the kernel log, clock
+  and host name, new namespaces, personality changes. UMask=0077: its outbox, resume state and
+  summary are its own.
+- ProtectClock implies `DeviceAllow=char-rtc r` on the systemd of Debian 12 (252), and any
+  DeviceAllow closes every other device: /dev/vcio is allowed again for the Pi 5's energy meter
+  (`vcgencmd pmic_read_adc`; a missing device is skipped with a log line).
 - SIGTERM stops the agent at a step boundary with its state flushed; TimeoutStopSec leaves room
   for one slow step on a small board.
 """
@@ -80,6 +88,17 @@ ProtectControlGroups=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
 RestrictRealtime=yes
+# nothing it does not use: MQTT over IPv4/IPv6, Unix sockets; no capabilities, no foreign syscalls
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+CapabilityBoundingSet=
+SystemCallArchitectures=native
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+# ProtectClock implies DeviceAllow=char-rtc r, which closes all other devices: the Pi 5 meter's mailbox
+DeviceAllow=/dev/vcio rw
+UMask=0077
 
 [Install]
 WantedBy=multi-user.target
