@@ -251,11 +251,19 @@ class DeviceAgent:
 
     # -- inbound ---------------------------------------------------------------------------
     def drain_inbound(self, timeout: float = 0.0) -> None:
+        """Handle what has arrived. Inference requests count against the server's per-drain cap:
+        past it the drain stops and the rest (requests, and any model or ack queued behind them)
+        waits in the transport for the next call, so a request flood cannot keep the step that
+        follows from starting; nothing is dropped here (the transport sheds a flood on arrival)."""
+        budget = self.server.max_offers_per_drain if self.server is not None else 0
         msg = self.transport.get(timeout)
         while msg is not None:
             if self.server is not None and msg.topic == self.server.request_topic:
                 self.stats.bytes_down += len(msg.payload)
                 self.server.offer(msg)  # queued, or answered with an error at once; never raises
+                budget -= 1
+                if budget <= 0:
+                    return
             else:
                 self._handle(msg.topic, msg.payload)
             msg = self.transport.get(0)

@@ -410,3 +410,55 @@ def test_the_server_generates_one_request_per_gap_and_refuses_what_it_cannot():
         InferReply(device="d1", ok=True, adapter="global", generated=("x",), labels=("a",))
     again = decode_reply(encode_reply(replies["r1"]))
     assert again == replies["r1"]
+
+
+def test_a_generation_request_is_bounded_by_its_token_budget():
+    """One generation request is what one gap between training steps may cost: at most
+    MAX_GENERATE_TOKENS new tokens over all its prompts (4 x 128 used to be accepted: 512 runs of
+    the model between two steps). Refused with "too_many_tokens" beyond; served within it."""
+    from device_runtime.serving import InferenceServer, ServeConfig, ServedAdapter
+    from tomtit.transport import MemoryBroker
+    from tomtit.wire import InferRequest, Topics, decode_reply, encode_request
+    from tomtit.wire.infer import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS
+
+    assert DEFAULT_NEW_TOKENS == 32 and MAX_NEW_TOKENS == 128  # the cases below are worked out with these
+    tokens_per_serve = []
+
+    class Gen:
+        def generate(self, prompt, adapter, max_new_tokens):
+            tokens_per_serve[-1] += max_new_tokens  # the most this prompt can cost, in runs of the model
+            return "x"
+
+    class Adapters:
+        def served_adapter(self, kind):
+            return ServedAdapter(np.zeros(3, np.float32), 1, 2)
+
+    broker, t = MemoryBroker(), Topics("j")
+    dev = broker.client("d1")
+    server = InferenceServer(ServeConfig(device_id="d1", job="j"), transport=dev, load_generator=Gen)
+    server.subscribe()
+    client = broker.client("c")
+    reply_to = t.infer_reply("d1", "tok")
+    client.subscribe(reply_to)
+    cases = {  # id: (prompts, max_new_tokens, fits?) with the budget worked out by hand
+        "4x32": (4, None, True),  # the default: 4 x 32 = 128
+        "1x128": (1, 128, True),
+        "3x42": (3, 42, True),  # 126
+        "2x128": (2, 128, False),  # 256
+        "4x128": (4, 128, False),  # 512
+        "4x33": (4, 33, False),  # 132
+        "3x43": (3, 43, False),  # 129
+    }
+    for rid, (n, tokens, _) in cases.items():
+        client.publish(t.infer_request("d1"), encode_request(InferRequest(
+            texts=tuple(f"p{i}" for i in range(n)), reply_to=reply_to, id=rid, max_new_tokens=tokens)))
+    while (m := dev.get(0)) is not None:
+        server.offer(m)
+    while server.pending:
+        tokens_per_serve.append(0)
+        server.serve(Adapters())
+    replies = {r.id: r for r in (decode_reply(m.payload) for m in iter(lambda: client.get(0), None))}
+    for rid, (_, _, fits) in cases.items():
+        assert (replies[rid].ok, replies[rid].error) == ((True, "") if fits else (False, "too_many_tokens")), rid
+    assert tokens_per_serve == [128, 128, 126]
+    assert server.summary()["errors"] == {"too_many_tokens": 4}

@@ -88,10 +88,31 @@ def test_the_reply_topic_must_be_the_devices_own():
     for kwargs, reason in [({}, "no_reply_topic"), ({"reply_to": ""}, "no_reply_topic"),
                            ({"reply_to": theirs}, "bad_reply_topic"),
                            ({"reply_to": T.down("edge")}, "bad_reply_topic"),
-                           ({"reply_to": mine, "response_topic": "a/b"}, "bad_reply_topic")]:
+                           ({"reply_to": theirs, "response_topic": "a/b"}, "bad_reply_topic"),
+                           ({"response_topic": theirs}, "bad_reply_topic")]:
         with pytest.raises(WireError) as e:
             reply_topic(T, DEV, **kwargs)
         assert e.value.reason == reason, kwargs
+
+
+def test_an_invalid_response_topic_falls_back_to_a_valid_reply_to():
+    mine = T.infer_reply(DEV, "c1")
+    for bad in ("a/b", T.infer_reply("d2", "c1"), T.infer_request(DEV)):
+        assert reply_topic(T, DEV, reply_to=mine, response_topic=bad) == mine, bad
+    with pytest.raises(WireError) as e:  # neither valid: the Response Topic's problem is reported
+        reply_topic(T, DEV, reply_to="x/y", response_topic=T.infer_reply("d2", "c1"))
+    assert "d2" in str(e.value)
+
+
+def test_an_unpaired_surrogate_is_refused_as_bad_text():
+    payload = b'{"texts": ["fine", "bad \\ud800 text"], "reply_to": "' + T.infer_reply(DEV, "c1").encode() + b'"}'
+    assert json.loads(payload)["texts"][1] == "bad \ud800 text"  # JSON lets it through...
+    with pytest.raises(UnicodeEncodeError):
+        "bad \ud800 text".encode("utf-8")  # ...but no tokenizer can encode it
+    with pytest.raises(WireError) as e:
+        decode_request(payload)
+    assert e.value.reason == "bad_text" and "texts[1]" in str(e.value)
+    assert decode_request(json.dumps({"texts": ["pair \U0001F600 ok"]}).encode()).texts == ("pair \U0001F600 ok",)
 
 
 def test_a_reply_topic_is_found_at_the_head_of_an_undecodable_request():
@@ -255,6 +276,7 @@ def test_bad_requests_get_error_replies_and_nothing_breaks(tiny):
     raw.publish(req_topic, json.dumps({"texts": ["x" * 5000], "reply_to": mine, "id": "long"}).encode())
     raw.publish(req_topic, json.dumps({"texts": ["x"], "adapter": "newest", "reply_to": mine}).encode())
     raw.publish(req_topic, b'{"reply_to": "' + mine.encode() + b'", "texts": [oops')  # not JSON: topic from its head
+    # too large: shed by the transport before it is queued (Transport.shed), so no reply, counted
     raw.publish(req_topic, b'{"reply_to":"' + mine.encode() + b'","texts":["' + b"x" * MAX_REQUEST_BYTES + b'"]}')
     raw.publish(req_topic, json.dumps({"texts": ["x"]}).encode())  # nowhere to reply: dropped
     raw.publish(req_topic, json.dumps({"texts": ["x"], "reply_to": T.infer_reply("d2", "c1")}).encode())  # not ours
@@ -264,8 +286,9 @@ def test_bad_requests_get_error_replies_and_nothing_breaks(tiny):
     assert server.serve(Adapters(init, init)) == 0  # nothing was queued
     got = [(r.ok, r.error, r.id) for r, m in client.replies()]
     assert got == [(False, "too_many_texts", "many"), (False, "text_too_long", "long"), (False, "bad_adapter", ""),
-                   (False, "not_json", ""), (False, "too_large", "")]
-    assert server.stats.unanswerable == 4 and server.stats.requests == 9
+                   (False, "not_json", "")]
+    assert server.stats.unanswerable == 4 and server.stats.requests == 8
+    assert server.summary()["shed"] == {"too_large": 1}
     assert broker.retained == {}  # nothing published anywhere else
 
 
@@ -283,6 +306,12 @@ def test_mqtt5_response_topic_and_correlation_data(tiny):
     (bad, m_bad), (ok, m_ok) = client.replies()  # the error is sent at once, the answer after the batch
     assert (ok.ok, ok.id, m_ok.topic, m_ok.correlation_data) == (True, "", client.reply_to, b"\x01corr")
     assert (bad.ok, bad.error, m_bad.correlation_data) == (False, "bad_correlation", None)
+    # a Response Topic that is not ours, with a valid reply_to in the JSON: answered on reply_to
+    client.ask(["goal"], rid="fallback", response_topic="elsewhere/x")
+    pump(server, t)
+    server.serve(Adapters(init, init))
+    [(r, m)] = client.replies()
+    assert (r.ok, r.id, m.topic) == (True, "fallback", client.reply_to)
 
 
 def test_no_global_model_yet_unavailable_and_closing(tiny):
@@ -473,3 +502,219 @@ def test_infer_remote_is_answered_by_a_training_device(tmp_path, mosquitto, tiny
     assert rc == 0, logs["dev"].read_text()[-2000:]
     s = json.loads(summary.read_text())
     assert s["steps"] > 0 and s["serving"]["answered"] >= 3 and s["serving"]["errors"] == {"too_many_texts": 1}
+
+
+# -- hostile and broken requests, floods ---------------------------------------------------------
+class Rigged:
+    """The served classifier, except: a batch holding "poison" raises (as a tokenizer would), and
+    texts "nan" / "inf" come out as NaN / +inf logits."""
+
+    def __init__(self, clf):
+        self.clf, self.manifest, self.calls = clf, clf.manifest, []
+
+    def logits_for_texts(self, texts, adapter, batch_size=32):
+        self.calls.append(list(texts))
+        if "poison" in texts:
+            raise ValueError("the tokenizer choked")
+        out = self.clf.logits_for_texts(texts, adapter, batch_size=batch_size).copy()
+        for i, t in enumerate(texts):
+            if t in ("nan", "inf"):
+                out[i, :] = float(t)
+        return out
+
+
+def rigged_server(broker, tiny, **cfg):
+    from device_runtime.serving import InferenceServer, ServeConfig
+
+    rigged = Rigged(tiny[1])
+    t = broker.client(DEV)
+    server = InferenceServer(ServeConfig(device_id=DEV, job=JOB, **cfg), transport=t, load_classifier=lambda: rigged)
+    server.subscribe()
+    return server, t, rigged
+
+
+def assert_answers_as_reference(reply, reference, texts, adapter):
+    assert reply.ok, reply
+    for i, p in enumerate(reference.predict(texts, adapter)):
+        assert reply.results[i].label == p.label
+        np.testing.assert_allclose(list(reply.probabilities(i).values()), list(p.probabilities.values()), atol=1e-5)
+
+
+def test_a_lone_surrogate_text_fails_only_its_own_request(tiny):
+    """JSON's \\ud800 decodes to a str no tokenizer can encode; it used to share a batch with an
+    innocent request and fail both with "internal"."""
+    _, _, reference, init = tiny
+    broker = MemoryBroker()
+    server, t = make_server(broker, tiny)
+    client = Client(broker)
+    client.ask(["goal league"], rid="before")
+    client.t.publish(T.infer_request(DEV), b'{"texts": ["a \\ud800 b"], "id": "evil", "reply_to": "'
+                     + client.reply_to.encode() + b'"}')
+    client.ask(["market shares"], rid="after")
+    pump(server, t)
+    assert server.serve(Adapters(init, init)) == 2
+    replies = {r.id: r for r, _ in client.replies()}
+    assert (replies["evil"].ok, replies["evil"].error) == (False, "bad_text")
+    assert_answers_as_reference(replies["before"], reference, ["goal league"], init)
+    assert_answers_as_reference(replies["after"], reference, ["market shares"], init)
+
+
+def test_a_failing_batch_is_retried_one_request_at_a_time_and_logged_once(tiny, caplog):
+    _, _, reference, init = tiny
+    broker = MemoryBroker()
+    server, t, rigged = rigged_server(broker, tiny)
+    client = Client(broker)
+    client.ask(["goal league"], rid="a")
+    client.ask(["poison", "film"], rid="evil")
+    client.ask(["market shares"], rid="b")
+    pump(server, t)
+    src = Adapters(init, init)
+    with caplog.at_level("DEBUG", logger="tomtit.serving"):
+        assert server.serve(src) == 0 and client.replies() == []  # the merged batch failed: nobody answered yet
+        assert [server.serve(src) for _ in range(4)] == [1, 0, 1, 0]  # then one run per gap, each alone
+        for rid in ("evil2", "evil3"):  # more hostile requests: the log does not grow a traceback each
+            client.ask(["poison"], rid=rid)
+        pump(server, t)
+        assert [server.serve(src) for _ in range(3)] == [0, 0, 0]  # merged, failed, then each alone
+    assert rigged.calls == [["goal league", "poison", "film", "market shares"], ["goal league"],
+                            ["poison", "film"], ["market shares"], ["poison", "poison"], ["poison"], ["poison"]]
+    replies = {r.id: r for r, _ in client.replies()}
+    assert_answers_as_reference(replies["a"], reference, ["goal league"], init)
+    assert_answers_as_reference(replies["b"], reference, ["market shares"], init)
+    assert [(replies[r].ok, replies[r].error) for r in ("evil", "evil2", "evil3")] == [(False, "internal")] * 3
+    assert server.stats.errors == {"internal": 3} and server.stats.answered == 2
+    assert sum(1 for r in caplog.records if r.exc_info) == 1  # one traceback, then debug lines
+    assert sum(1 for r in caplog.records if r.levelname in ("WARNING", "ERROR")) <= 3  # one per reason
+
+
+def test_non_finite_output_is_an_error_not_a_label(tiny):
+    _, _, reference, init = tiny
+    broker = MemoryBroker()
+    server, t, _ = rigged_server(broker, tiny)
+    client = Client(broker)
+    client.ask(["goal league"], rid="a")
+    client.ask(["nan"], rid="n")
+    client.ask(["film", "inf"], rid="i")
+    pump(server, t)
+    assert server.serve(Adapters(init, init)) == 4  # one batch, as before
+    replies = {r.id: r for r, _ in client.replies()}
+    assert_answers_as_reference(replies["a"], reference, ["goal league"], init)
+    for rid in ("n", "i"):
+        assert (replies[rid].ok, replies[rid].error, replies[rid].results) == (False, "non_finite", ())
+    assert server.stats.errors == {"non_finite": 2} and server.stats.answered == 1
+
+
+def test_error_replies_are_rate_limited_per_device(tiny):
+    from device_runtime.serving import InferenceServer, ServeConfig
+
+    now = [100.0]
+    broker = MemoryBroker()
+    t = broker.client(DEV)
+    server = InferenceServer(ServeConfig(device_id=DEV, job=JOB, error_reply_burst=3, error_replies_per_s=2.0),
+                             transport=t, load_classifier=lambda: tiny[1], clock=lambda: now[0])
+    server.subscribe()
+    client = Client(broker)
+    raw = json.dumps({"texts": ["x"] * (MAX_TEXTS_PER_REQUEST + 1), "reply_to": client.reply_to}).encode()
+    for _ in range(10):
+        client.t.publish(T.infer_request(DEV), raw)
+    pump(server, t)
+    assert len(client.replies()) == 3  # the burst
+    now[0] += 1.5  # 1.5 s x 2/s = 3 more tokens
+    for _ in range(5):
+        client.t.publish(T.infer_request(DEV), raw)
+    pump(server, t)
+    assert len(client.replies()) == 3
+    s = server.summary()
+    assert s["errors"] == {"too_many_texts": 15} and s["errors_unsent"] == 15 - 6 and s["requests"] == 15
+
+
+def test_the_transport_sheds_oversize_and_excess_requests_before_queueing(tiny):
+    from types import SimpleNamespace
+
+    from tomtit.mqtt import MqttOptions, MqttTransport
+
+    broker = MemoryBroker()
+    server, t = make_server(broker, tiny, max_inbound=5)
+    t.subscribe("other/topic")
+    client = Client(broker)
+    huge = b'{"texts":["' + b"x" * MAX_REQUEST_BYTES + b'"]}'
+    client.t.publish(T.infer_request(DEV), huge)
+    for i in range(8):
+        client.ask(["goal"], rid=f"r{i}")
+        client.t.publish("other/topic", b"m%d" % i)  # not requests: never shed
+    got = []
+    while (m := t.get(0)) is not None:
+        got.append(m.topic)
+    assert got.count(T.infer_request(DEV)) == 5 and got.count("other/topic") == 8
+    assert server.summary()["shed"] == {"too_large": 1, "flood": 3}
+    client.ask(["goal"], rid="later")  # taken from the queue: room again
+    assert t.get(0).topic == T.infer_request(DEV)
+
+    # the same on paho's receive path (its network thread calls _on_message)
+    mq = MqttTransport(MqttOptions(url="mqtt://localhost:1", client_id="x"))
+    mq.shed(T.infer_request(DEV), max_bytes=100, max_pending=2)
+    req = T.infer_request(DEV)
+    for payload, topic in [(b"x" * 101, req), (b"{}", req), (b"{}", req), (b"{}", req), (b"x" * 101, "tomtit/t/down/e")]:
+        mq._on_message(None, None, SimpleNamespace(topic=topic, payload=payload, retain=False, qos=0, properties=None))
+    assert mq._queue.qsize() == 3 and mq.shed_counts == {"too_large": 1, "flood": 1}
+
+
+class FloodingTransport:
+    """The device's in-memory transport with an endless flood of valid requests in front: every
+    other get() is one more request, however many were taken (clients faster than the drain)."""
+
+    def __init__(self, inner, request_topic, reply_to, limit=20_000):
+        self.inner, self.request_topic, self.limit = inner, request_topic, limit
+        self.body = encode_request(InferRequest(texts=("goal",), reply_to=reply_to, id="flood"))
+        self.gets = 0
+
+    def get(self, timeout=None):
+        self.gets += 1
+        if self.gets > self.limit:
+            raise AssertionError("the drain never ends under a flood")
+        if self.gets % 2 == 0 and (m := self.inner.get(0)) is not None:
+            return m
+        return Inbound(self.request_topic, self.body)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_request_flood_cannot_stall_training(tmp_path, tiny):
+    bundle, _, _, init = tiny
+    broker = MemoryBroker()
+    publish_model(broker, bundle.manifest, init, version=5)
+    agent = make_device(tmp_path, broker, tiny)
+    client = Client(broker)  # the flood's replies land here
+    agent.transport = agent.server.transport = FloodingTransport(agent.transport, T.infer_request(DEV),
+                                                                 client.reply_to)
+    agent._on_connection_change()
+    cap = agent.server.cfg.max_queued + 1  # enough to fill an empty queue and tell one more "busy"
+    for k in range(4):
+        gets = agent.transport.gets
+        agent.step()
+        assert agent.stats.steps == k + 1  # training advances, one step per call
+        assert agent.transport.gets - gets <= 2 * cap + 1  # the drain stopped at its cap
+        assert agent.server.pending <= agent.server.cfg.max_queued
+        if k == 1:
+            publish_model(broker, bundle.manifest, init + np.float32(0.01), version=6)  # behind the flood
+    agent.step()
+    assert agent.base_version == 6  # a model behind the flood still got through
+    assert agent.server.max_offers_per_drain == cap
+    s = agent.server.summary()
+    assert s["batches"] == 5 and s["errors"]["busy"] > 0 and s["errors_unsent"] > 0
+
+
+def test_the_cli_refuses_a_reply_that_does_not_answer_every_text():
+    from tomtit.cli import CliError
+    from tomtit.cli.infer_cmd import check_answer_count
+
+    one = InferReply(device=DEV, ok=True, adapter="global", labels=("a", "b"),
+                     results=({"label": "a", "probabilities": [0.5, 0.5]},))
+    check_answer_count(DEV, ["x"], one)
+    with pytest.raises(CliError, match="1 result\\(s\\) for 2 text"):
+        check_answer_count(DEV, ["x", "y"], one)
+    gen = InferReply(device=DEV, ok=True, adapter="global", generated=("p", "q", "r"))
+    with pytest.raises(CliError, match="3 result"):
+        check_answer_count(DEV, ["x", "y"], gen)
+    check_answer_count(DEV, ["x", "y", "z"], gen)

@@ -1,9 +1,10 @@
 """`Transport` on paho-mqtt 2.x: persistent session, last will, reconnect with backoff.
 
 The paho network thread does only what cannot wait: it converts each message to `Inbound` and
-enqueues it, and records connection state. Decoding, validation and all work happen on the
-caller's thread. Works on MQTT 3.1.1 (the default: amqtt and many IoT brokers speak only that)
-and 5.
+enqueues it (or drops it there, as `Transport.shed` asks: an oversize or flooding request never
+takes memory in the queue), and records connection state. Decoding, validation and all work
+happen on the caller's thread. Works on MQTT 3.1.1 (the default: amqtt and many IoT brokers
+speak only that) and 5.
 """
 from __future__ import annotations
 
@@ -184,6 +185,8 @@ class MqttTransport(Transport):
         props = message.properties if self.options.protocol == "5" else None  # v5 only
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        if not self._admit(message.topic, message.payload):
+            return  # shed (Transport.shed): too large, or a flood; counted, never queued
         self._queue.put(Inbound(message.topic, bytes(message.payload), bool(message.retain), int(message.qos),
                                 response_topic=response_topic or None,
                                 correlation_data=bytes(correlation) if correlation is not None else None))

@@ -46,16 +46,35 @@ class Transport(ABC):
     @abstractmethod
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None: ...
 
-    _queue: "queue.Queue[Inbound]"  # filled by the implementation's receive path
+    _queue: "queue.Queue[Inbound]"  # filled by the implementation's receive path, through `_admit`
+    _shed_rule: "_ShedRule | None" = None
 
     def get(self, timeout: float | None = None) -> Inbound | None:
         """Next inbound message, or None after `timeout` seconds (0 = do not wait)."""
         try:
-            if timeout == 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout)
+            msg = self._queue.get_nowait() if timeout == 0 else self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        if self._shed_rule is not None:
+            self._shed_rule.taken(msg.topic)
+        return msg
+
+    def shed(self, topic_filter: str, *, max_bytes: int, max_pending: int) -> None:
+        """Drop messages on `topic_filter` as they arrive, before they are queued: any larger than
+        `max_bytes`, and any beyond `max_pending` of them already waiting. For traffic anyone may
+        send and nobody loses by a drop (QoS 0 inference requests; a client retries on its
+        timeout), never for models or acks: the inbound queue is otherwise unbounded, and a flood
+        would hold its payloads in memory. Drops are counted in `shed_counts`. One rule."""
+        self._shed_rule = _ShedRule(topic_filter, max_bytes, max_pending)
+
+    @property
+    def shed_counts(self) -> dict[str, int]:
+        """Messages dropped on arrival by `shed`, by reason ("too_large", "flood")."""
+        return dict(self._shed_rule.dropped) if self._shed_rule is not None else {}
+
+    def _admit(self, topic: str, payload: bytes) -> bool:
+        """Called by the receive path (any thread) before queueing: False to drop the message."""
+        return self._shed_rule is None or self._shed_rule.admit(topic, len(payload))
 
     @property
     @abstractmethod
@@ -80,6 +99,35 @@ class Transport(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _ShedRule:
+    """`Transport.shed`'s bookkeeping: the matching messages waiting in the queue, and the drops.
+    admit() runs on the receive thread, taken() on the reader's: both under one lock."""
+
+    def __init__(self, topic_filter: str, max_bytes: int, max_pending: int) -> None:
+        if max_bytes < 1 or max_pending < 1:
+            raise ValueError("shed limits must be positive")
+        self.topic_filter, self.max_bytes, self.max_pending = topic_filter, max_bytes, max_pending
+        self.pending = 0
+        self.dropped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, topic: str, size: int) -> bool:
+        if not topic_matches(self.topic_filter, topic):
+            return True
+        with self._lock:
+            reason = "too_large" if size > self.max_bytes else "flood" if self.pending >= self.max_pending else ""
+            if reason:
+                self.dropped[reason] = self.dropped.get(reason, 0) + 1
+                return False
+            self.pending += 1
+            return True
+
+    def taken(self, topic: str) -> None:
+        if topic_matches(self.topic_filter, topic):
+            with self._lock:
+                self.pending = max(0, self.pending - 1)
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -148,13 +196,15 @@ class MemoryTransport(Transport):
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         self._filters[topic_filter] = qos
         for topic, payload in list(self.broker.retained.items()):
-            if topic_matches(topic_filter, topic):
+            if topic_matches(topic_filter, topic) and self._admit(topic, payload):
                 self._queue.put(Inbound(topic, payload, retain=True, qos=qos))
 
     def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, response_topic: str | None = None,
                  correlation_data: bytes | None = None) -> None:
         for f, sub_qos in self._filters.items():
             if topic_matches(f, topic):
+                if not self._admit(topic, payload):
+                    return
                 self._queue.put(Inbound(topic, payload, retain=retain, qos=min(qos, sub_qos),
                                         response_topic=response_topic, correlation_data=correlation_data))
                 return

@@ -117,6 +117,7 @@ def _run_remote(args: argparse.Namespace) -> int:
                 continue  # not the answer to this request
             if not reply.ok:
                 raise CliError(f"device {device} answered {reply.error}: {reply.detail}")
+            check_answer_count(device, args.texts, reply)
             if reply.generated:
                 _print_generated(args, reply)
                 return 0
@@ -134,6 +135,17 @@ def _run_remote(args: argparse.Namespace) -> int:
                        f"publish requests?)")
     finally:
         transport.close()
+
+
+def check_answer_count(device: str, texts, reply) -> None:
+    """A reply answers every text, in order, or it is not an answer: zip would silently drop the
+    texts of a short reply (an older or broken device) and pair a long one's extras with nothing."""
+    from tomtit.cli import CliError
+
+    got = len(reply.generated) if reply.generated else len(reply.results)
+    if got != len(texts):
+        raise CliError(f"device {device} answered {got} result(s) for {len(texts)} text(s); not printing a "
+                       "partial answer")
 
 
 def _print_generated(args: argparse.Namespace, reply) -> None:

@@ -13,10 +13,17 @@ prompts and answers the greedy continuation of each (`generated`, one string per
 classifier device ignores max_new_tokens (older devices ignore unknown keys anyway).
 
 The reply topic comes from the request's `reply_to` (MQTT 3.1.1), or from MQTT 5's Response
-Topic property (which wins when both are given); either way it must be one of this device's own
-reply topics (`Topics.infer_reply(device, token)`), so a request can never make a device publish
-anywhere else (and the deployment's ACL lets a device write only there). `id` is echoed in the
-reply; MQTT 5's Correlation Data, when given, is echoed as a property too.
+Topic property (which wins when both are given and it is valid; an invalid one falls back to a
+valid `reply_to`); either way it must be one of this device's own reply topics
+(`Topics.infer_reply(device, token)`), so a request can never make a device publish anywhere else
+(and the deployment's ACL lets a device write only there). `id` is echoed in the reply; MQTT 5's
+Correlation Data, when given, is echoed as a property too.
+
+`reply_to` (and `id`) in the JSON are REQUIRED wherever any hop speaks MQTT 3.1.1: a device
+connected with 3.1.1 (the default), or a broker bridge (bridges forward 3.1.1, dropping MQTT 5
+properties). There the Response Topic never reaches the device, and a request without `reply_to`
+has nowhere to be answered: it is dropped (counted as unanswerable), and the client times out.
+An MQTT 5-only client must therefore put its reply topic in the JSON too, as `tomtit infer` does.
 
 The limits are what one training step can afford to serve between two steps (DESIGN.md §10:
 "while it trains"): one request is answered by one inference batch.
@@ -75,6 +82,13 @@ def _check_texts(texts: object) -> tuple[str, ...]:
             raise WireError("bad_schema", f"texts[{i}] must be a string, got {type(t).__name__}")
         if len(t) > MAX_TEXT_CHARS:
             raise WireError("text_too_long", f"texts[{i}] has {len(t)} characters, limit {MAX_TEXT_CHARS}")
+        try:
+            # JSON's \ud800 decodes to a lone surrogate, which no tokenizer can encode: refused here,
+            # it would otherwise fail the whole inference batch it shares with other requests
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise WireError("bad_text", f"texts[{i}] is not valid Unicode (an unpaired surrogate at "
+                                        f"{e.start})") from None
     return tuple(texts)
 
 
@@ -130,14 +144,22 @@ def decode_request(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> InferRequ
 
 def reply_topic(topics: Topics, device: str, *, reply_to: str = "", response_topic: str | None = None) -> str:
     """The topic to answer on: MQTT 5's Response Topic, else the request's `reply_to`; it must be
-    one of `device`'s own reply topics."""
-    topic = response_topic if response_topic else reply_to
-    if not topic:
+    one of `device`'s own reply topics. A Response Topic that is not one falls back to a valid
+    `reply_to` (a client may set the property from a different convention and the JSON right);
+    when neither is valid, the error names the Response Topic's problem."""
+    candidates = [t for t in (response_topic, reply_to) if t]
+    if not candidates:
         raise WireError("no_reply_topic", "the request names no reply topic (reply_to, or MQTT 5's Response Topic)")
-    owner, _ = topics.parse_infer_reply(topic)
-    if owner != device:
-        raise WireError("bad_reply_topic", f"{_short(topic, 120)} is not a reply topic of device {device!r}")
-    return topic
+    first_error = None
+    for topic in candidates:
+        try:
+            owner, _ = topics.parse_infer_reply(topic)
+            if owner != device:
+                raise WireError("bad_reply_topic", f"{_short(topic, 120)} is not a reply topic of device {device!r}")
+            return topic
+        except WireError as e:
+            first_error = first_error or e
+    raise first_error
 
 
 def reply_topic_hint(data: bytes) -> str:
