@@ -22,7 +22,7 @@ import numpy as np
 
 from device_runtime.adapter import unflatten
 from device_runtime.bundle import Bundle
-from device_runtime.local_data import encode_lm_example
+from device_runtime.local_data import LMFormat, encode_lm_row
 from device_runtime.text import load_tokenizer
 from tomtit.manifest import BundleError, Manifest
 
@@ -48,6 +48,21 @@ class GenerationStats:
     kv_cache: bool = False  # which way the tokens were made
     prefill_ms: float = 0.0  # the first forward pass: the whole prompt -> the first new token
     decode_ms: list[float] = field(default_factory=list)  # each later token's forward pass (+ argmax)
+    prompt_cut: int = 0  # prompt-body tokens dropped so the prompt fits the bundle's max length
+    hit_max_length: bool = False  # generation stopped at the bundle's max length, before max_new_tokens or eos
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.prompt_cut) or self.hit_max_length
+
+    def truncation_note(self, max_length: int) -> str:
+        """One line saying what was cut ('' if nothing)."""
+        parts = []
+        if self.prompt_cut:
+            parts.append(f"the prompt was cut by {self.prompt_cut} tokens")
+        if self.hit_max_length:
+            parts.append(f"generation stopped after {self.new_tokens} new tokens")
+        return f"{' and '.join(parts)} to fit the bundle's max length of {max_length} tokens" if parts else ""
 
     @property
     def token_ms(self) -> list[float]:
@@ -99,6 +114,7 @@ class Generator:
                 raise BundleError(f"{bundle.path(role)} lacks the input(s) {', '.join(missing[:3])} its manifest names")
         self._tok = load_tokenizer(bundle.path("tokenizer"))
         self.eos_id = int(self.manifest.extra["eos_id"])
+        self._format = LMFormat.of(self.manifest)
 
     def token_ids(self, ids: Iterable[int], adapter: np.ndarray, *, max_new_tokens: int = 32,
                   stats: GenerationStats | None = None, stop_at_eos: bool = True) -> Iterator[int]:
@@ -110,12 +126,13 @@ class Generator:
         if not ids:
             raise ValueError("generation needs at least one prompt token")
         stats.prompt_tokens, stats.kv_cache = len(ids), self.kv_cache
-        stats.new_tokens, stats.prefill_ms, stats.decode_ms = 0, 0.0, []
+        stats.new_tokens, stats.prefill_ms, stats.decode_ms, stats.hit_max_length = 0, 0.0, [], False
         feed = dict(unflatten(np.asarray(adapter, np.float32), self.manifest.trainable))
         step = self._kv_steps(ids, feed) if self.kv_cache else self._full_steps(ids, feed)
         limit = self.manifest.max_length
         for n in range(max_new_tokens):
             if len(ids) >= limit:
+                stats.hit_max_length = True
                 break
             t0 = time.perf_counter()
             nxt = int(np.argmax(next(step)))
@@ -157,10 +174,15 @@ class Generator:
     def stream(self, prompt: str, adapter: np.ndarray, *, max_new_tokens: int = 32,
                stats: GenerationStats | None = None) -> Iterator[str]:
         """Yield the decoded text piece by piece, greedily, until eos, max_new_tokens or the
-        bundle's max length."""
-        ids, _ = encode_lm_example(self._tok, self.manifest, prompt, None, reserve=max_new_tokens)
+        bundle's max length. A long prompt body is cut to leave max_new_tokens positions, but
+        never below training's floor (half the room the template leaves); a short prompt is never
+        cut. `stats` says what was cut and whether the max length stopped generation."""
+        stats = stats if stats is not None else GenerationStats()
+        ex = encode_lm_row(self._tok, self._format, prompt, None, reserve=max_new_tokens)
+        ids = ex.ids
         new: list[int] = []
         shown = ""
+        stats.prompt_cut = ex.prompt_cut  # token_ids leaves this field alone
         for nxt in self.token_ids(ids, adapter, max_new_tokens=max_new_tokens, stats=stats):
             new.append(nxt)
             text = self._tok.decode(new)

@@ -28,14 +28,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def refuse_causal(manifest, root) -> None:
+    """A causal-LM bundle has no labels to classify into: say which command it needs."""
+    if manifest.task == "causal-lm":
+        raise BundleError(f"bundle {root} is a causal language model, not a classifier: "
+                          "use `tomtit generate --bundle ...` (or `tomtit infer --remote ... --max-new-tokens`)")
+
+
 class Classifier:
-    def __init__(self, bundle: Bundle, threads: int = 1, memory: str = "fast"):
-        """`memory="lean"`: no weight pre-packing, no constant folding, no memory-pattern planner,
+    def __init__(self, bundle: Bundle, threads: int = 1, memory: str = "fast", *, token_logits: bool = False):
+        """`token_logits=True` accepts a causal-LM bundle for its (B, S, vocab) logits (TokenLoss);
+        otherwise a causal bundle is refused before any session loads (predict would fail on it).
+        `memory="lean"`: no weight pre-packing, no constant folding, no memory-pattern planner,
         initializers outside the arena -- the session next to a training one on a board (served
         inference). MiniLM-L6, 16 x 64 tokens, one thread: +122 MB RSS instead of +168 MB, at the
         same speed (144-162 ms per batch either way, measured here)."""
         from device_runtime.ort_api import load_onnxruntime
 
+        if not token_logits:
+            refuse_causal(bundle.manifest, bundle.root)
         ort = load_onnxruntime()
 
         if memory not in ("fast", "lean"):

@@ -112,7 +112,8 @@ class HeldOutLossAndStop(ModelObserver):
     def __init__(self, loss_fn, target_loss: float | None = None, score_fn=None):
         self.loss_fn, self.score_fn = loss_fn, score_fn
         self.target_loss = target_loss
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # finite evaluations only
+        self.non_finite: list[int] = []  # versions whose held-out loss was NaN/inf
         self._last_version: int | None = None
 
     def on_model(self, version: int, model: np.ndarray, elapsed_s: float) -> str | None:
@@ -120,6 +121,12 @@ class HeldOutLossAndStop(ModelObserver):
             return None
         self._last_version = version
         loss = float(self.loss_fn(model))
+        if not math.isfinite(loss):
+            # a diverged model (or a NaN adapter): logged and listed in the summary, never in the
+            # history or telemetry (the wire refuses non-finite numbers), never "reaching" the target
+            log.warning("v%d: held-out loss is %s: left out of telemetry, the run goes on", version, loss)
+            self.non_finite.append(version)
+            return None
         # exp overflows past ~709 nats; no model that trains is anywhere near (ln 49,152 = 10.8)
         entry = {"t": round(elapsed_s, 3), "version": version, "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
                  "tokens": int(getattr(self.loss_fn, "tokens", 0))}
@@ -145,4 +152,5 @@ class HeldOutLossAndStop(ModelObserver):
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"task": "causal-lm", "heldout_loss": self.history, "target_loss": self.target_loss}
+        return {"task": "causal-lm", "heldout_loss": self.history, "target_loss": self.target_loss,
+                "non_finite_versions": self.non_finite}

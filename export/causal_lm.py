@@ -303,6 +303,7 @@ def export_causal_bundle(cfg, log=print) -> Manifest:
         trainable = [TensorSpec(n, tuple(params[n].shape), "float32") for n in order]
         special = _special_ids(base, tok)
         template, chat_template = prompt_template(tok)
+        examples = _check_data_fits(data, tok.backend_tokenizer, cfg.max_length, special["eos_id"], template, log)
         tok.backend_tokenizer.save(str(tmp / FILES["tokenizer"]))
         if chat_template:
             (tmp / "chat_template.jinja").write_text(chat_template)
@@ -379,7 +380,7 @@ def export_causal_bundle(cfg, log=print) -> Manifest:
                 "portable": portable,
                 "kv_cache": True,  # files["generation_model"], called as kv_graph says
                 "kv_graph": kv_graph,
-                "examples_checked": len(data),
+                "examples_checked": examples,  # rows that encode at this max length (all, or the export stops)
             },
         }
         manifest["bundle_id"] = bundle_identity(manifest)
@@ -403,6 +404,28 @@ def export_causal_bundle(cfg, log=print) -> Manifest:
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_data_fits(data, tok, max_length: int, eos_id: int, template: dict, log) -> int:
+    """Encode the data as a device will (device_runtime.local_data): refuse a --max-len the prompt
+    template cannot fit (with the minimum), and say how many responses are cut. Returns the rows
+    that encode (every row: one that cannot fit stops the export)."""
+    from device_runtime.local_data import GENERATION_ROOM, LMFormat, encode_lm_rows
+
+    fmt = LMFormat(max_length, int(eos_id), template["prefix"], template["suffix"])
+    fixed = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in (fmt.prefix, fmt.suffix) if t)
+    # one prompt token and room for a few new tokens when generating (training needs one + one)
+    minimum = fixed + 1 + GENERATION_ROOM
+    if max_length < minimum:
+        raise CausalExportError(f"--max-len {max_length} cannot fit the prompt template ({fixed} tokens) with a "
+                                f"prompt and an answer: use --max-len {minimum} or more")
+    warnings: list[str] = []
+    rows, skipped, cut = encode_lm_rows(data, tok, fmt, log=warnings.append)
+    if skipped:
+        raise CausalExportError(f"{data.source}: " + "; ".join(warnings))
+    for w in warnings:
+        log(f"note: {w}")
+    return len(rows) - skipped
 
 
 class _AdapterSet:

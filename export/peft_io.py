@@ -34,6 +34,39 @@ class PeftInteropError(TomtitError, ValueError):
     """A PEFT adapter folder cannot be written or does not fit the base model."""
 
 
+def _json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (adapter_config.json, tomtit.json): anything else is a
+    PeftInteropError naming the file, not a traceback."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PeftInteropError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise PeftInteropError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _number(cfg: dict, key: str, cfg_file: Path) -> float:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PeftInteropError(f"{cfg_file}: {key} is {v!r}, not a number")
+    return float(v)
+
+
+def _pattern_problems(cfg: dict, key: str, want: float, cfg_file: Path) -> list[str]:
+    """alpha_pattern / rank_pattern give some modules another alpha or rank: the bundle's graphs
+    have one scaling (alpha / r) for all, so any entry that differs is refused."""
+    pattern = cfg.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise PeftInteropError(f"{cfg_file}: {key} is {pattern!r}, not an object")
+    odd = {k: v for k, v in pattern.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != want}
+    if not odd:
+        return []
+    shown = ", ".join(f"{k}: {v!r}" for k, v in list(odd.items())[:3])
+    return [f"{key} {{{shown}{', ...' if len(odd) > 3 else ''}}} (the bundle uses {want:g} for every module)"]
+
+
 def check_peft_adapter_dir(path: Path, source: ModelSource, *, labels: tuple[str, ...]) -> None:
     """Refuse, with a reason, a PEFT folder that cannot seed a bundle of this base model."""
     from safetensors import safe_open
@@ -43,15 +76,12 @@ def check_peft_adapter_dir(path: Path, source: ModelSource, *, labels: tuple[str
     weights = path / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise PeftInteropError(f"{path} is not a PEFT adapter folder (needs adapter_config.json + adapter_model.safetensors)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PeftInteropError(f"{cfg_file} is not readable JSON: {e}") from None
+    cfg = _json_object(cfg_file)
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise PeftInteropError(f"{path} holds a {cfg.get('peft_type')!r} adapter; only LoRA is supported")
     sidecar = path / SIDECAR
     if sidecar.is_file():
-        info = json.loads(sidecar.read_text())
+        info = _json_object(sidecar)
         if info.get("base_weights_sha256") not in (None, source.weights_sha256):
             raise PeftInteropError(
                 f"{path} was trained on base model {info.get('base_model')} (weights "
@@ -216,20 +246,25 @@ def import_peft(bundle_dir: Path, peft_dir: Path, out: Path, *, force: bool = Fa
     if not cfg_file.is_file() or not weights.is_file():
         raise PeftInteropError(f"{peft_dir} is not a PEFT adapter folder (needs adapter_config.json + "
                                "adapter_model.safetensors)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PeftInteropError(f"{cfg_file} is not readable JSON: {e}") from None
+    cfg = _json_object(cfg_file)
     a = manifest.adapter
     targets = cfg.get("target_modules")
-    targets = [targets] if isinstance(targets, str) else sorted(targets or [])
+    targets = [targets] if isinstance(targets, str) else targets or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise PeftInteropError(f"{cfg_file}: target_modules is {cfg.get('target_modules')!r}, not a list of names")
+    targets = sorted(targets)
+    mts = cfg.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(t, str) for t in mts):
+        raise PeftInteropError(f"{cfg_file}: modules_to_save is {mts!r}, not a list of names")
     problems = []
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         problems.append(f"a {cfg.get('peft_type')!r} adapter, not LoRA")
     if cfg.get("r") != a.rank:
         problems.append(f"rank {cfg.get('r')} (the bundle's: {a.rank})")
-    if float(cfg.get("lora_alpha", -1)) != a.alpha:  # alpha/r is a constant inside the bundle's graphs
+    if _number(cfg, "lora_alpha", cfg_file) != a.alpha:  # alpha/r is a constant inside the bundle's graphs
         problems.append(f"lora_alpha {cfg.get('lora_alpha')} (the bundle's: {a.alpha:g})")
+    problems += _pattern_problems(cfg, "alpha_pattern", a.alpha, cfg_file)
+    problems += _pattern_problems(cfg, "rank_pattern", a.rank, cfg_file)
     if targets != sorted(a.target_modules):
         problems.append(f"target_modules {targets} (the bundle's: {sorted(a.target_modules)})")
     for flag in ("use_dora", "use_rslora"):
@@ -246,7 +281,7 @@ def import_peft(bundle_dir: Path, peft_dir: Path, out: Path, *, force: bool = Fa
         raise PeftInteropError(f"{peft_dir} does not fit bundle {manifest.bundle_id[:12]}: " + "; ".join(problems))
     sidecar = peft_dir / SIDECAR
     if sidecar.is_file():
-        info = json.loads(sidecar.read_text())
+        info = _json_object(sidecar)
         if info.get("base_weights_sha256") not in (None, manifest.base_weights_sha256):
             raise PeftInteropError(
                 f"{peft_dir} was trained on base model {info.get('base_model')} (weights "

@@ -107,7 +107,7 @@ def token_loss(bundle: Path, eval_file: Path, batch_size: int):
 
     b = open_bundle(bundle)
     data = encode_lm_dataset(load_lm_dataset(eval_file), b.path("tokenizer"), b.manifest)
-    return TokenLoss(Classifier(b, memory="lean"), data.input_ids, data.attention_mask, data.labels,
+    return TokenLoss(Classifier(b, memory="lean", token_logits=True), data.input_ids, data.attention_mask, data.labels,
                      batch_size=batch_size)
 
 
@@ -147,6 +147,27 @@ def test_unigram_f1_and_the_observer_stop_rule():
                                "unigram_f1": pytest.approx(f1)}
     s = obs.summary()
     assert s["task"] == "causal-lm" and s["target_loss"] == 2.0 and s["heldout_loss"][0]["version"] == 0
+
+
+def test_a_non_finite_held_out_loss_stays_out_of_telemetry(caplog):
+    import logging
+
+    from edge_broker.observers import HeldOutLossAndStop
+    from tomtit.wire.control import encode_telemetry
+
+    losses = iter([3.0, float("nan"), float("-inf"), 2.5])
+    obs = HeldOutLossAndStop(lambda a: next(losses), target_loss=2.0)
+    model = np.zeros(3, np.float32)
+    with caplog.at_level(logging.WARNING):
+        assert obs.on_model(0, model, 0.0) is None
+        assert obs.on_model(1, model, 1.0) is None
+        assert obs.telemetry() == {"heldout_loss": 3.0, "perplexity": pytest.approx(math.exp(3.0))}
+        encode_telemetry(obs.telemetry())  # the wire refuses NaN: the cloud must not crash here
+        assert obs.on_model(2, model, 2.0) is None  # -inf <= 2.0, but it is no loss: never the target
+        assert obs.on_model(3, model, 3.0) is None
+    assert [h["loss"] for h in obs.history] == [3.0, 2.5] and obs.summary()["non_finite_versions"] == [1, 2]
+    assert "v1: held-out loss is nan" in caplog.text
+    json.dumps(obs.summary(), allow_nan=False)
 
 
 def test_target_options_must_fit_the_bundle(bundle, split, tiny_bundle):

@@ -320,3 +320,152 @@ def test_smollm2_bundle_trains_and_generates(tmp_path):
                     "What is the capital of France?"], no_torch=True)
     assert r.returncode == 0, r.stderr
     assert "Paris" in json.loads(r.stdout)["text"]
+
+
+# --- fitting the max length (issue 13 review): one encoder for training, the cloud and generation ---
+
+def _pieces(bundle: Path):
+    """The bundle's tokenizer, manifest and template pieces, tokenised here on their own."""
+    from tokenizers import Tokenizer
+
+    from tomtit.manifest import load_manifest
+
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    m = load_manifest(bundle)
+    enc = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    tpl = m.extra["prompt_template"]
+    return tok, m, enc, enc(tpl["prefix"]), enc(tpl["suffix"])
+
+
+LONG_BODY = "Write a headline.\n\n" + "Reporters said today that the team wins the cup final after a long week. " * 4
+
+
+def test_a_short_prompt_leaves_the_response_all_the_room(causal_bundle):
+    from device_runtime.local_data import LMFormat, encode_lm_row
+
+    tok, m, enc, pre, post = _pieces(causal_bundle)
+    fmt = LMFormat.of(m)
+    limit, eos = m.max_length, m.extra["eos_id"]
+    response = "Shares fall as profits slide and the bank raises interest rates in the city " * 3
+    body, resp = enc("Team wins"), enc(response)
+    room = limit - len(pre) - len(post)
+    assert len(body) + len(resp) + 1 > room > 2 * len(body) + 2  # the response must be cut, the body need not
+    ex = encode_lm_row(tok, fmt, "Team wins", response)
+    # the body is whole; the response takes every position left and, being cut, gets no eos
+    assert ex.ids == pre + body + post + resp[: limit - len(pre) - len(body) - len(post)]
+    assert len(ex.ids) == limit and ex.start == len(pre) + len(body) + len(post) and ex.ids[-1] != eos
+    assert (ex.prompt_cut, ex.response_cut) == (0, len(resp) - (limit - ex.start))
+    # a long prompt and a long response: the body is cut to half the room first, then the response
+    lb = enc(LONG_BODY)
+    assert len(lb) > room
+    ex = encode_lm_row(tok, fmt, LONG_BODY, response)
+    assert ex.ids == pre + lb[: room // 2] + post + resp[: room - room // 2]
+    # a long prompt and a short response: the body gives way so the response keeps its eos
+    short = enc("Team wins the cup final")
+    ex = encode_lm_row(tok, fmt, LONG_BODY, "Team wins the cup final")
+    assert ex.ids == pre + lb[: room - len(short) - 1] + post + short + [eos] and ex.response_cut == 0
+    # plain text: cut to the max length without eos; short text keeps its eos
+    text = enc(response)
+    assert encode_lm_row(tok, fmt, "", response).ids == text[:limit]
+    assert encode_lm_row(tok, fmt, "", "Team wins").ids == enc("Team wins") + [eos]
+
+
+def test_a_row_that_cannot_fit_is_skipped_and_named(causal_bundle, tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    from device_runtime.local_data import LMFormat, RowTooLong, encode_lm_dataset, encode_lm_row
+    from tomtit.data import DataError
+    from tomtit.lm_data import load_lm_dataset
+
+    tok, m, enc, pre, post = _pieces(causal_bundle)
+    # room for one prompt and one response token: the response is cut to one token, no refusal
+    tight = dataclasses.replace(m, max_length=len(pre) + len(post) + 2)
+    ex = encode_lm_row(tok, LMFormat.of(tight), LONG_BODY, "Team wins the cup final")
+    assert ex.ids == pre + enc(LONG_BODY)[:1] + post + enc("Team wins the cup final")[:1]
+    # no room for a response: that row is skipped, a text row is kept
+    small = dataclasses.replace(m, max_length=len(pre) + len(post) + 1)
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "Team wins"}) + "\n\n" + json.dumps({"prompt": "Hi", "response": "Team"}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = encode_lm_dataset(load_lm_dataset(f), causal_bundle / "tokenizer.json", small)
+    row = enc("Team wins") + [m.extra["eos_id"]]
+    assert len(data) == 1 and data.skipped == 1 and list(data.input_ids[0, : len(row)]) == row
+    assert f"{f}:3" in caplog.text
+    f.write_text(json.dumps({"prompt": "Hi", "response": "Team"}) + "\n")
+    with pytest.raises(DataError, match=f"{f}:1"):
+        encode_lm_dataset(load_lm_dataset(f), causal_bundle / "tokenizer.json", small)
+    # generation at that max length: a clear error that does not talk about a response
+    with pytest.raises(RowTooLong) as e:
+        encode_lm_row(tok, LMFormat.of(small), "Team wins", None)
+    assert "response" not in str(e.value) and str(len(pre) + len(post) + 2) in str(e.value)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Write a headline.", "text": "Team wins"}, "not both"),
+    ({"prompt": "Write a headline.", "response": "Team wins", "text": "x"}, "not both"),
+    ({"prompt": "Write a headline."}, "'prompt' without 'response'"),
+])
+def test_ambiguous_lm_rows_are_refused_with_their_line(tmp_path, row, message):
+    from tomtit.data import DataError
+    from tomtit.lm_data import load_lm_dataset
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=message) as e:
+        load_lm_dataset(f)
+    assert f"{f}:2" in str(e.value)
+
+
+def test_infer_on_a_causal_bundle_points_to_generate(causal_bundle):
+    from device_runtime.bundle import open_bundle
+    from device_runtime.inference import Classifier
+    from tomtit.manifest import BundleError
+
+    r = run_tomtit(["infer", "--bundle", str(causal_bundle), "Team wins"], no_torch=True)
+    assert r.returncode == 2 and "tomtit generate" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(BundleError, match="tomtit generate"):
+        Classifier(open_bundle(causal_bundle))
+    assert Classifier(open_bundle(causal_bundle), token_logits=True).manifest.task == "causal-lm"  # TokenLoss's use
+
+
+def test_export_refuses_a_max_len_the_template_cannot_fit(tiny_llama, headline_data, tmp_path):
+    from device_runtime.local_data import GENERATION_ROOM
+    from export.bundle_builder import ExportConfig, export_bundle
+    from export.causal_lm import CausalExportError
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
+    # the template as the chat template renders it around a user message (CHAT_TEMPLATE above)
+    fixed = len(tok.encode("<|im_start|>user\n", add_special_tokens=False).ids) + len(
+        tok.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids)
+    minimum = fixed + 1 + GENERATION_ROOM
+    with pytest.raises(CausalExportError, match=f"--max-len {minimum} or more"):
+        export_bundle(ExportConfig(model=str(tiny_llama), data=str(headline_data), out=tmp_path / "b",
+                                   max_length=minimum - 1, task="causal-lm", backend="portable",
+                                   targets=("q_proj", "v_proj")), log=lambda *_: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_causal_bundle_records_the_rows_it_encoded(causal_bundle):
+    m = json.loads((causal_bundle / "manifest.json").read_text())
+    assert m["extra"]["examples_checked"] == 48  # write_headline_data's rows, all fit at 48 tokens
+
+
+def test_demo_splits_again_when_the_split_is_not_this_runs(tmp_path):
+    from argparse import Namespace
+
+    from tomtit.cli.demo_cmd import _split_mismatch
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("")
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "split.json").write_text(json.dumps({"data": str(data), "alpha": 0.5,
+                                                   "devices": {"device-00.jsonl": {}, "device-01.jsonl": {}}}))
+    assert _split_mismatch(split, Namespace(data=str(data), devices=2, alpha=0.5)) is None
+    assert "3" in _split_mismatch(split, Namespace(data=str(data), devices=3, alpha=0.5))
+    assert "bbc-headlines" in _split_mismatch(split, Namespace(data="bbc-headlines", devices=2, alpha=0.5))
+    assert "alpha" in _split_mismatch(split, Namespace(data=str(data), devices=2, alpha=100.0))
+    (split / "split.json").unlink()
+    assert _split_mismatch(split, Namespace(data=str(data), devices=2, alpha=0.5))

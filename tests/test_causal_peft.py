@@ -158,6 +158,9 @@ def test_adapter_written_by_peft_imports_with_equal_logits(causal_bundle, tiny_l
     ({"lora_alpha": 32}, "lora_alpha 32 (the bundle's: 16)"),
     ({"target_modules": ["q_proj", "k_proj"]}, "target_modules ['k_proj', 'q_proj']"),
     ({"use_dora": True}, "use_dora"),
+    ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern {q_proj: 32}"),
+    ({"rank_pattern": {"model.layers.0.self_attn.v_proj": 4}}, "rank_pattern"),
+    ({"lora_alpha": "sixteen"}, "lora_alpha is 'sixteen', not a number"),
 ])
 def test_import_refuses_a_different_lora_configuration(causal_bundle, trained_adapter, tmp_path, change,  # noqa: F811
                                                        message):
@@ -183,6 +186,32 @@ def test_import_refuses_another_base_model(causal_bundle, trained_adapter, tmp_p
     r = run_tomtit(["peft", "import", "--bundle", str(causal_bundle), "--peft", str(out),
                     "--out", str(tmp_path / "a.safetensors")])
     assert r.returncode == 2 and "was trained on base model" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sidecar", ["[1, 2]", "{not json", "null"])
+def test_import_refuses_a_malformed_sidecar_and_accepts_matching_patterns(causal_bundle, trained_adapter,  # noqa: F811
+                                                                          tmp_path, sidecar):
+    from device_runtime.adapter import load_adapter
+    from tomtit.manifest import load_manifest
+
+    out = tmp_path / "peft"
+    assert run_tomtit(["peft", "export", "--bundle", str(causal_bundle), "--adapter", str(trained_adapter),
+                       "--out", str(out)]).returncode == 0
+    good = (out / "tomtit.json").read_text()
+    (out / "tomtit.json").write_text(sidecar)
+    r = run_tomtit(["peft", "import", "--bundle", str(causal_bundle), "--peft", str(out),
+                    "--out", str(tmp_path / "a.safetensors")])
+    assert r.returncode == 2 and "tomtit.json" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # patterns that repeat the bundle's rank and alpha change nothing: accepted, same tensors
+    (out / "tomtit.json").write_text(good)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(alpha_pattern={"q_proj": cfg["lora_alpha"]}, rank_pattern={"v_proj": cfg["r"]})
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    r = run_tomtit(["peft", "import", "--bundle", str(causal_bundle), "--peft", str(out),
+                    "--out", str(tmp_path / "a.safetensors")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = load_manifest(causal_bundle)
+    np.testing.assert_array_equal(load_adapter(tmp_path / "a.safetensors", m), load_adapter(trained_adapter, m))
 
 
 def test_classifier_peft_import_round_trip(tiny_bundle, tiny_data, tmp_path):

@@ -220,3 +220,52 @@ def test_old_bundle_generates_and_device_needs_no_torch(causal_bundle, old_bundl
     assert outs["kv"]["prefill_ms"] > 0
     r = run_tomtit(["generate", "--bundle", str(old_bundle), "--max-new-tokens", "3", "hello"], no_torch=True)
     assert r.returncode == 0 and "no KV cache" in r.stderr and "prefill" in r.stderr, r.stderr
+
+
+def test_generation_keeps_the_prompt_training_keeps(causal_bundle, adapter):  # noqa: F811
+    """The prompt is not cut to make room for every requested token: a long prompt keeps at least
+    the body training keeps, a short one is whole, and generation stops at the max length."""
+    from tokenizers import Tokenizer
+
+    from device_runtime.generation import GenerationStats
+    from device_runtime.local_data import encode_lm_example
+    from tomtit.manifest import load_manifest
+
+    m = load_manifest(causal_bundle)
+    tok = Tokenizer.from_file(str(causal_bundle / "tokenizer.json"))
+    enc = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    pre, post = enc(m.extra["prompt_template"]["prefix"]), enc(m.extra["prompt_template"]["suffix"])
+    limit = m.max_length
+    body = "Write a headline.\n\n" + "Reporters said today that the bank raises interest rates in the city. " * 4
+    assert len(pre) + len(enc(body)) + len(post) > limit  # it must be cut somewhere
+    train_ids, start = encode_lm_example(tok, m, body, "Bank raises interest rates")
+    kept_by_training = start - len(pre) - len(post)
+    gen = _generator(causal_bundle)
+    stats = GenerationStats()
+    gen.generate(body, adapter, max_new_tokens=24, stats=stats)
+    kept = stats.prompt_tokens - len(pre) - len(post)
+    room = limit - len(pre) - len(post)
+    # cut to leave the 24 asked-for positions, never below training's floor (half the room)
+    assert kept == min(len(enc(body)), max(room - 24, room // 2)) and kept >= min(kept_by_training, room // 2)
+    assert stats.prompt_cut == len(enc(body)) - kept
+    assert stats.prompt_tokens + stats.new_tokens <= limit
+    assert stats.hit_max_length == (stats.prompt_tokens + stats.new_tokens == limit and stats.new_tokens < 24)
+    # a short prompt is never cut, however many tokens are asked for
+    q = "Who won?"
+    assert len(enc(q)) <= room // 2  # short for this bundle: at most training's floor
+    stats = GenerationStats()
+    gen.generate(q, adapter, max_new_tokens=32, stats=stats)
+    assert stats.prompt_tokens == len(pre) + len(enc(q)) + len(post) and stats.prompt_cut == 0
+
+
+def test_generate_reports_truncation(causal_bundle):  # noqa: F811
+    body = "Reporters said today that the bank raises interest rates in the city. " * 5
+    r = run_tomtit(["generate", "--bundle", str(causal_bundle), "--max-new-tokens", "30", "--json", body],
+                   no_torch=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_cut_tokens"] > 0 and "the prompt was cut by" in r.stderr
+    assert out["hit_max_length"] == ("generation stopped after" in r.stderr)
+    r = run_tomtit(["generate", "--bundle", str(causal_bundle), "--max-new-tokens", "3", "--json", "Team wins"],
+                   no_torch=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["prompt_cut_tokens"] == 0 and "warning" not in r.stderr

@@ -26,6 +26,7 @@ class LMDataset:
     responses: tuple[str, ...]
     groups: tuple[str, ...]  # what a non-IID split skews over (BBC category; "all" if none)
     source: str
+    lines: tuple[int, ...] = ()  # each row's line in `source` (JSONL), for errors that name it; () if none
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -62,6 +63,12 @@ def _row(row: object, where: str) -> tuple[str, str, str]:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with 'prompt'/'response' or 'text', got {type(row).__name__}")
     group = str(row.get("category", row.get("label", "all")) or "all")
+    if "text" in row and ("prompt" in row or "response" in row):
+        # which one was meant is a guess either way: the loss would silently go elsewhere
+        raise DataError(f"{where}: a row is either 'prompt' + 'response' or 'text', not both")
+    if "prompt" in row and "response" not in row:
+        raise DataError(f"{where}: 'prompt' without 'response' (the loss is on the response; "
+                        "use a 'text' row for plain text)")
     if "response" in row:
         prompt, response = row.get("prompt", ""), row["response"]
         if not isinstance(prompt, str) or not isinstance(response, str):
@@ -82,7 +89,7 @@ def _row(row: object, where: str) -> tuple[str, str, str]:
 
 
 def load_lm_jsonl(path: Path) -> LMDataset:
-    prompts, responses, groups = [], [], []
+    prompts, responses, groups, lines = [], [], [], []
     try:
         with path.open("r", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -96,9 +103,10 @@ def load_lm_jsonl(path: Path) -> LMDataset:
                 prompts.append(p)
                 responses.append(r)
                 groups.append(g)
+                lines.append(lineno)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason})") from None
-    return LMDataset(tuple(prompts), tuple(responses), tuple(groups), str(path))
+    return LMDataset(tuple(prompts), tuple(responses), tuple(groups), str(path), tuple(lines))
 
 
 def load_lm_dataset(spec: str | Path) -> LMDataset:

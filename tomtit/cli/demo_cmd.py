@@ -175,9 +175,12 @@ def run(args: argparse.Namespace) -> int:
     say = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     _export(args, bundle, causal, say)
-    if not (split / "test.jsonl").is_file():
+    stale = _split_mismatch(split, args) if (split / "test.jsonl").is_file() else "none yet"
+    if stale:
         from tomtit.cli import main as tomtit_main
 
+        if stale != "none yet":
+            say(f"[2/4] the split in {split} does not fit this run ({stale}): splitting again")
         say(f"[2/4] splitting {args.data} over {args.devices} devices (Dirichlet alpha={args.alpha})")
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):  # its per-file lines
             rc = tomtit_main(["data", "split", "--data", args.data, "--devices", str(args.devices), "--alpha",
@@ -278,6 +281,24 @@ def run(args: argparse.Namespace) -> int:
         _finale(out, bundle, split, args, say)
     return rc
 
+
+def _split_mismatch(split: Path, args: argparse.Namespace) -> str | None:
+    """Why the split left in `split` by an earlier demo is not this run's (its split.json against
+    --data, --devices, --alpha), or None when it is."""
+    try:
+        info = json.loads((split / "split.json").read_text())
+        recorded, devices, alpha = info["data"], len(info["devices"]), float(info["alpha"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable split.json"
+    same_data = (recorded == str(args.data) or
+                 (Path(str(recorded)).is_file() and Path(str(recorded)).resolve() == Path(args.data).resolve()))
+    if not same_data:
+        return f"made from {recorded}, not {args.data}"
+    if devices != args.devices:
+        return f"{devices} device files, not {args.devices}"
+    if alpha != float(args.alpha):
+        return f"Dirichlet alpha {alpha:g}, not {args.alpha:g}"
+    return None
 
 def _start_monitor(args: argparse.Namespace, connection: list[str]) -> subprocess.Popen | None:
     """`tomtit monitor` on this terminal while the run lasts (None: plain progress lines instead,

@@ -44,9 +44,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"prompt": prompt, "text": "".join(pieces), "prompt_tokens": stats.prompt_tokens,
                           "new_tokens": stats.new_tokens, "ms_per_token": stats.ms_per_token,
                           "kv_cache": stats.kv_cache, "prefill_ms": stats.prefill_ms,
-                          "decode_ms_per_token": stats.decode_ms_per_token}))
+                          "decode_ms_per_token": stats.decode_ms_per_token, "prompt_cut_tokens": stats.prompt_cut,
+                          "hit_max_length": stats.hit_max_length}))
     else:
         print()
+    note = stats.truncation_note(bundle.manifest.max_length)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    if not args.json:
         how = ("KV cache" if stats.kv_cache else
                "no KV cache: every token re-runs the whole sequence; re-export the bundle for one")
         print(f"[{stats.new_tokens} tokens, prompt {stats.prompt_tokens} tokens: prefill {stats.prefill_ms:.1f} ms, "

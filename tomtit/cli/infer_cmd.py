@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from device_runtime.bundle import open_bundle
     from device_runtime.inference import Classifier
 
+    from device_runtime.inference import refuse_causal
+
+    bundle = open_bundle(args.bundle, roles=(), verify=False)
+    refuse_causal(bundle.manifest, bundle.root)  # before hashing or loading anything
     bundle = open_bundle(args.bundle, roles=("inference_model", "tokenizer", "initial_adapter"))
     adapter = load_adapter(args.adapter or bundle.path("initial_adapter"), bundle.manifest)
     preds = Classifier(bundle, threads=args.threads).predict(args.texts, adapter)

@@ -52,8 +52,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="causal-LM bundle: finish once the held-out loss (mean token cross-entropy, nats) is at "
                         "most this")
     r.add_argument("--eval-generate", type=int, default=0, metavar="N",
-                   help="causal-LM bundle: also generate greedily for the first N held-out prompt/response examples "
-                        "and score unigram F1 (ROUGE-1) against their responses (default 0: off)")
+                   help="causal-LM bundle: also generate greedily for the first N prompt/response rows of the "
+                        "evenly spaced --eval-max subset of --eval-data and score unigram F1 (ROUGE-1) against their responses (default 0: off)")
     r.add_argument("--eval-new-tokens", type=int, default=24,
                    help="with --eval-generate: tokens to generate per prompt")
     r.add_argument("--max-minutes", type=float)
@@ -218,7 +218,7 @@ def _causal_evaluator(args: argparse.Namespace, log):
     # evenly spaced rows, not the first n: a split's test.jsonl is grouped by category, and the
     # first rows of a BBC split are all business news
     pick = np.unique(np.linspace(0, len(data) - 1, n).round().astype(np.int64))
-    loss = TokenLoss(Classifier(bundle, threads=args.threads, memory="lean"),
+    loss = TokenLoss(Classifier(bundle, threads=args.threads, memory="lean", token_logits=True),
                      data.input_ids[pick], data.attention_mask[pick], data.labels[pick])
     score = None
     if args.eval_generate:
