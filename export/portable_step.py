@@ -157,20 +157,7 @@ def export_portable_step(logits_module, trainable: list[str], opt: dict, dest: P
         traced = make_fx(step_fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(
             *example, *frozen_values)
 
-    class Step(torch.nn.Module):
-        """The traced step; the frozen base weights ride along as buffers (ONNX initializers)."""
-
-        def __init__(self):
-            super().__init__()
-            self.traced = traced
-            for i, value in enumerate(frozen_values):
-                self.register_buffer(f"frozen_{i}", value.clone(), persistent=True)
-            self._n_frozen = len(frozen_values)
-
-        def forward(self, *args):
-            return self.traced(*args, *[getattr(self, f"frozen_{i}") for i in range(self._n_frozen)])
-
-    module = Step()
+    module = _with_frozen_buffers(traced, frozen_values)
     n = len(trainable)
     b = Dim("batch", min=2, max=64)
     # A causal LM's sequence dimension needs min=3, or torch.export fails with a guard violation.
@@ -289,7 +276,18 @@ def export_forward_graph(module, trainable: list[str], dest: Path, *, example: t
         traced = make_fx(forward_fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(
             *example, *frozen_values)
 
-    class Forward(torch.nn.Module):
+    ep = export(_with_frozen_buffers(traced, frozen_values), example, dynamic_shapes=(tuple(dynamic) + (None,) * n,), strict=False)
+    torch.onnx.export(ep, (), str(dest), input_names=[*input_names, *manifest_names], output_names=output_names,
+                      opset_version=OPSET, optimize=False, external_data=False)
+
+
+def _with_frozen_buffers(traced, frozen_values):
+    """A module around a make_fx-traced function whose last inputs are the frozen base weights:
+    they ride along as buffers `frozen_{i}`, which torch.export turns into ONNX initializers (and
+    the causal export then moves into the shared weights file by that name)."""
+    import torch
+
+    class WithFrozen(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.traced = traced
@@ -300,6 +298,4 @@ def export_forward_graph(module, trainable: list[str], dest: Path, *, example: t
         def forward(self, *args):
             return self.traced(*args, *[getattr(self, f"frozen_{i}") for i in range(self._n_frozen)])
 
-    ep = export(Forward(), example, dynamic_shapes=(tuple(dynamic) + (None,) * n,), strict=False)
-    torch.onnx.export(ep, (), str(dest), input_names=[*input_names, *manifest_names], output_names=output_names,
-                      opset_version=OPSET, optimize=False, external_data=False)
+    return WithFrozen()

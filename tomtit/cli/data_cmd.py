@@ -26,7 +26,6 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tomtit.cli import CliError
     from tomtit.data import dirichlet_split, load_dataset, write_jsonl
-    from tomtit.fsutil import publish_dir, staging_dir
 
     out: Path = args.out.expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -42,18 +41,26 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data, min_classes=2)
     split = dirichlet_split(ds.labels, devices=args.devices, alpha=args.alpha, seed=args.seed,
                             test_fraction=args.test_fraction)
+    summary = {"data": ds.source, "alpha": args.alpha, "seed": args.seed, "labels": list(ds.label_names)}
+    write = lambda path, idx: write_jsonl(path, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx])  # noqa: E731
+    return _write_split(args, out, split, ds.labels, summary, write)
+
+
+def _write_split(args: argparse.Namespace, out: Path, split, groups, summary: dict, write) -> int:
+    """The device files and test.jsonl (written by `write(path, indices)`) and split.json, staged
+    and published in one rename; `groups[i]` is what each file's counts are of (label or group)."""
+    from tomtit.fsutil import publish_dir, staging_dir
+
     tmp = staging_dir(out)
     try:
         width = max(2, len(str(args.devices - 1)))
-        summary = {"data": ds.source, "alpha": args.alpha, "seed": args.seed, "labels": list(ds.label_names),
-                   "devices": {}, "test": None}
+        summary = {**summary, "devices": {}, "test": None}
         for d, idx in enumerate(split.device_indices):
             name = f"device-{d:0{width}d}.jsonl"
-            write_jsonl(tmp / name, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx])
-            summary["devices"][name] = dict(sorted(Counter(ds.labels[i] for i in idx).items()))
-        write_jsonl(tmp / "test.jsonl", [ds.texts[i] for i in split.test_indices],
-                    [ds.labels[i] for i in split.test_indices])
-        summary["test"] = dict(sorted(Counter(ds.labels[i] for i in split.test_indices).items()))
+            write(tmp / name, idx)
+            summary["devices"][name] = dict(sorted(Counter(groups[i] for i in idx).items()))
+        write(tmp / "test.jsonl", split.test_indices)
+        summary["test"] = dict(sorted(Counter(groups[i] for i in split.test_indices).items()))
         (tmp / "split.json").write_text(json.dumps(summary, indent=2))
         publish_dir(tmp, out)
     finally:
@@ -71,31 +78,11 @@ def _split_lm(args: argparse.Namespace, out: Path) -> int:
     """Causal-LM data has no labels: the Dirichlet skew is over each example's group (the BBC
     category for bbc-headlines, a row's "category"/"label" field, else one group)."""
     from tomtit.data import dirichlet_split
-    from tomtit.fsutil import publish_dir, staging_dir
     from tomtit.lm_data import load_lm_dataset, write_lm_jsonl
 
     ds = load_lm_dataset(args.data)
     split = dirichlet_split(ds.groups, devices=args.devices, alpha=args.alpha, seed=args.seed,
                             test_fraction=args.test_fraction)
-    tmp = staging_dir(out)
-    try:
-        width = max(2, len(str(args.devices - 1)))
-        summary = {"data": ds.source, "task": "causal-lm", "alpha": args.alpha, "seed": args.seed,
-                   "groups": sorted(set(ds.groups)), "devices": {}, "test": None}
-        for d, idx in enumerate(split.device_indices):
-            name = f"device-{d:0{width}d}.jsonl"
-            write_lm_jsonl(tmp / name, ds, idx)
-            summary["devices"][name] = dict(sorted(Counter(ds.groups[i] for i in idx).items()))
-        write_lm_jsonl(tmp / "test.jsonl", ds, split.test_indices)
-        summary["test"] = dict(sorted(Counter(ds.groups[i] for i in split.test_indices).items()))
-        (tmp / "split.json").write_text(json.dumps(summary, indent=2))
-        publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for name, counts in summary["devices"].items():
-            print(f"{name}: {sum(counts.values()):4d}  {counts}")
-        print(f"test.jsonl: {sum(summary['test'].values()):4d}  {summary['test']}")
-    return 0
+    summary = {"data": ds.source, "task": "causal-lm", "alpha": args.alpha, "seed": args.seed,
+               "groups": sorted(set(ds.groups))}
+    return _write_split(args, out, split, ds.groups, summary, lambda path, idx: write_lm_jsonl(path, ds, idx))

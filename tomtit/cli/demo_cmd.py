@@ -61,10 +61,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="fedbuff")
     p.add_argument("--lr", type=float, help="devices' AdamW learning rate (default 2e-3)")
     p.add_argument("--target-accuracy", type=float, default=0.9, help="classifier: stop at this held-out accuracy")
-    # SmolLM2 on bbc-headlines, default settings: 5.54 (base) -> 3.49 in 12 min, crossing 3.5 at ~10 min
-    p.add_argument("--target-loss", type=float, default=3.5,
+    # SmolLM2 on bbc-headlines, default settings, two full runs on 2 cores: 5.5 (base) -> 3.49 / 3.53 in 11-12
+    # min; 3.6 was crossed at 588 s and 620 s, 3.5 only by one of the two: 3.6 ends the demo on target.
+    p.add_argument("--target-loss", type=float, default=3.6,
                    help="causal LM: stop once the held-out loss (mean token cross-entropy, nats) is at most this "
-                        "(default 3.5; SmolLM2's base model scores ~5.5 on bbc-headlines)")
+                        "(default 3.6; SmolLM2's base model scores ~5.5 on bbc-headlines)")
     p.add_argument("--eval-max", type=int, default=32,
                    help="causal LM: held-out examples the cloud scores each global model on")
     p.add_argument("--batch", type=int, default=4, help="causal LM: examples per device step")
