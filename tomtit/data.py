@@ -91,20 +91,26 @@ def _row_to_example(row: object, where: str) -> tuple[str, str]:
     return text, str(row["label"]).strip()
 
 
-def load_jsonl(path: Path) -> Dataset:
-    texts: list[str] = []
-    labels: list[str] = []
+def iter_jsonl(path: Path):
+    """(line number, parsed row) for every non-blank line of a JSONL file; a line that is not JSON
+    is a DataError naming path:line. Shared by the classifier and causal-LM loaders."""
     with path.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            text, label = _row_to_example(row, f"{path}:{lineno}")
-            texts.append(text)
-            labels.append(label)
+
+
+def load_jsonl(path: Path) -> Dataset:
+    texts: list[str] = []
+    labels: list[str] = []
+    for lineno, row in iter_jsonl(path):
+        text, label = _row_to_example(row, f"{path}:{lineno}")
+        texts.append(text)
+        labels.append(label)
     return Dataset(tuple(texts), tuple(labels), str(path))
 
 

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tomtit.data import MAX_TEXT_CHARS, DataError, _bbc_news_dir
+from tomtit.data import MAX_TEXT_CHARS, DataError, _bbc_news_dir, iter_jsonl
 
 BUILTIN_LM_DATASETS = ("bbc-headlines",)
 # An article body is cut to this many characters for the prompt: the device truncates to the
@@ -91,19 +91,12 @@ def _row(row: object, where: str) -> tuple[str, str, str]:
 def load_lm_jsonl(path: Path) -> LMDataset:
     prompts, responses, groups, lines = [], [], [], []
     try:
-        with path.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                p, r, g = _row(row, f"{path}:{lineno}")
-                prompts.append(p)
-                responses.append(r)
-                groups.append(g)
-                lines.append(lineno)
+        for lineno, row in iter_jsonl(path):
+            p, r, g = _row(row, f"{path}:{lineno}")
+            prompts.append(p)
+            responses.append(r)
+            groups.append(g)
+            lines.append(lineno)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason})") from None
     return LMDataset(tuple(prompts), tuple(responses), tuple(groups), str(path), tuple(lines))
